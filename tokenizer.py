@@ -1,0 +1,941 @@
+"""
+RVQ tokenizer: residual vector quantization, the RVQ-VAE that turns images into (h, w, D) code grids,
+the image data sets, and the code caches the ResGen model trains on (DESIGN.md §4.1, §5, §6).
+
+    # Fashion-MNIST demo tokenizer on the CPU (a few minutes)
+    python tokenizer.py train  --data fashion_mnist --out runs/tokenizer
+    python tokenizer.py encode --ckpt runs/tokenizer/last.pt --data fashion_mnist --split train --out runs/fashion_mnist_codes
+    python tokenizer.py reconstruct --ckpt runs/tokenizer/last.pt --data fashion_mnist --out recon.png
+
+    # ImageNet 256x256 (8x8 grid, D = 16 as in the paper), one GPU or N GPUs
+    python tokenizer.py train --data /data/imagenet --config imagenet256 --out runs/tok_in256 --batch-size 64 --steps 400000
+    torchrun --nproc_per_node=8 tokenizer.py train --data /data/imagenet --config imagenet256 --out runs/tok_in256
+    python tokenizer.py encode --ckpt runs/tok_in256/last.pt --data /data/imagenet --split train --out imagenet_latents
+
+Rerunning `train` with the same --out resumes from OUT/last.pt.
+"""
+import argparse
+import gzip
+import hashlib
+import json
+import math
+import os
+import struct
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+#################################################################################
+#                        Errors and checkpoint files                            #
+#################################################################################
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line on stderr and a non-zero exit, never a traceback."""
+
+
+def run_cli(main):
+    """Run a command-line `main()`, turning UserError (and a few OS errors) into one clear line and exit 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def save_checkpoint(obj, path):
+    """Atomic write: a temporary file in the same folder, fsync, then rename, so a kill never leaves a broken file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path, kind):
+    """Load a checkpoint dict written by this project. weights_only=True: a checkpoint never runs pickled code."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, truncated file, or a file holding pickled objects
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load checkpoint {path}: not a valid weights-only checkpoint ({first[:160]})")
+    if not isinstance(ckpt, dict) or "kind" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint of this project (no 'kind' field)")
+    if ckpt["kind"] != kind:
+        raise UserError(f"{path} is a {ckpt['kind']!r} checkpoint, expected a {kind!r} checkpoint")
+    return ckpt
+
+
+def strip_prefixes(state_dict):
+    """Remove the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes from state-dict keys."""
+    out = {}
+    for k, v in state_dict.items():
+        for p in ("module.", "_orig_mod."):
+            k = k.replace(p, "")
+        out[k] = v
+    return out
+
+
+def file_hash(path):
+    """Short sha256 of a file: ties a code cache and a ResGen checkpoint to the tokenizer that made the codes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def check_writable_dir(path):
+    """Create `path` if needed and make sure we can write there; UserError otherwise (before any work is done)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to output folder {path}: {e.strerror or e}")
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_device(name):
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown --device {name!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but CUDA is not available here")
+    return dev
+
+
+#################################################################################
+#                         Residual vector quantization                          #
+#################################################################################
+
+def squared_distances(r, codebook):
+    """||r - e_v||^2 for every code v, in fp32 even under autocast (argmin over bf16 distances picks wrong codes).
+
+    r: (..., c); codebook: (V, c) -> (..., V) float32.
+    """
+    with torch.autocast(device_type=r.device.type, enabled=False):
+        r = r.float()
+        codebook = codebook.float()
+        return (r.pow(2).sum(-1, keepdim=True)
+                - 2.0 * r @ codebook.t()
+                + codebook.pow(2).sum(-1))
+
+
+def _is_dist():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class RVQ(nn.Module):
+    """Residual vector quantizer with D codebooks of V codes (DESIGN.md §4.1, PAPER.md §2).
+
+    Greedy residual quantization: r_0 = z; x_j = argmin_v ||r_{j-1} - e(v; j)||^2; r_j = r_{j-1} - e(x_j; j).
+    The quantized latent is sum_j e(x_j; j). Codebooks are learned by EMA (no gradients), with Laplace
+    smoothing, k-means initialisation on the first batch, and restart of dead codes.
+    """
+
+    def __init__(self, depth, codebook_size, dim, shared=False, decay=0.99, eps=1e-5,
+                 kmeans_iters=10, dead_threshold=0.5):
+        super().__init__()
+        if depth < 1 or codebook_size < 2 or dim < 1:
+            raise UserError(f"RVQ needs depth >= 1, codebook size >= 2, dim >= 1 (got {depth}, {codebook_size}, {dim})")
+        self.depth, self.codebook_size, self.dim, self.shared = depth, codebook_size, dim, shared
+        self.decay = decay                    # EMA decay of the code counts and sums
+        self.eps = eps                        # Laplace smoothing of the counts (keeps every code's mean finite)
+        self.kmeans_iters = kmeans_iters      # Lloyd iterations for the first-batch initialisation
+        self.dead_threshold = dead_threshold  # a code whose EMA count falls below this is restarted
+        nb = 1 if shared else depth
+        self.register_buffer("weight", torch.randn(nb, codebook_size, dim) * 0.1)  # (D or 1, V, c)
+        self.register_buffer("ema_count", torch.ones(nb, codebook_size))
+        self.register_buffer("ema_sum", self.weight.clone())
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("usage", torch.zeros(depth, codebook_size))  # code counts of the last batch, per depth
+
+    # ---- lookups -------------------------------------------------------------------------------------
+    @property
+    def codebooks(self):
+        """(D, V, c) float32: the codebook of every depth (the shared one repeated when shared=True)."""
+        return self.weight.expand(self.depth, -1, -1)
+
+    def quantize(self, z, start_depth=0):
+        """Greedy residual quantization of z from depth `start_depth` to D-1.  z (..., c) -> codes (..., D-start) int64."""
+        return self._quantize(z, start_depth)[0]
+
+    def _quantize(self, z, start_depth=0):
+        """Codes and the residual each depth saw (the EMA update needs the latter).  fp32 throughout."""
+        if not 0 <= start_depth <= self.depth:
+            raise ValueError(f"start_depth {start_depth} outside 0..{self.depth}")
+        codebooks = self.codebooks
+        r = z.float()
+        codes, residuals = [], []
+        for j in range(start_depth, self.depth):
+            idx = squared_distances(r, codebooks[j]).argmin(-1)  # (...,)
+            residuals.append(r)
+            codes.append(idx)
+            r = r - codebooks[j][idx]
+        if not codes:
+            return z.new_zeros(z.shape[:-1] + (0,), dtype=torch.long), residuals
+        return torch.stack(codes, -1), residuals  # (..., D') int64
+
+    def embed(self, codes, start_depth=0):
+        """Per-depth code embeddings.  codes (..., D') -> (..., D', c) with D' <= D - start_depth."""
+        n = codes.shape[-1]
+        offsets = (start_depth + torch.arange(n, device=codes.device)) * self.codebook_size
+        flat = self.codebooks.reshape(-1, self.dim)  # (D*V, c)
+        return F.embedding(codes.long() + offsets, flat)
+
+    def dequantize(self, codes, start_depth=0):
+        """Sum of the code embeddings: the quantized latent.  codes (..., D') -> (..., c)."""
+        return self.embed(codes, start_depth).sum(-2)
+
+    def prefix_sums(self, codes):
+        """Cumulative sums over depth: prefix d holds sum_{j<=d} e(x_j; j).  codes (..., D) -> (..., D, c)."""
+        return self.embed(codes).cumsum(-2)
+
+    # ---- training ------------------------------------------------------------------------------------
+    def forward(self, z):
+        """Quantize z (..., c) and, in training mode, update the codebooks by EMA.
+
+        Returns (z_q, codes, commit_loss): z_q carries the straight-through gradient of the full sum, and
+        commit_loss is the cumulative commitment loss: every prefix sum should approximate z (RQ-VAE style).
+        """
+        flat = z.reshape(-1, self.dim).float()  # (N, c)
+        if self.training and not bool(self.initialized):
+            self._kmeans_init(flat.detach())
+        codes, residuals = self._quantize(flat.detach())
+        prefixes = self.prefix_sums(codes)  # (N, D, c), from the codebooks that chose the codes
+        if self.training:
+            self._ema_update(codes, residuals)
+        commit = (flat.unsqueeze(1) - prefixes.detach()).pow(2).mean()
+        z_q = prefixes[:, -1]
+        z_q = flat + (z_q - flat).detach()  # one straight-through estimator on the sum
+        return z_q.view_as(z).to(z.dtype), codes.view(*z.shape[:-1], self.depth), commit
+
+    @torch.no_grad()
+    def _kmeans_init(self, flat):
+        """k-means on the first batch, depth by depth on the residuals left by the depths above (rank 0, then broadcast)."""
+        if not _is_dist() or dist.get_rank() == 0:
+            g = torch.Generator(device="cpu").manual_seed(0)
+            r = flat.clone()
+            nb = self.weight.shape[0]
+            for j in range(nb):
+                cb = _kmeans(r if not self.shared else flat, self.codebook_size, self.kmeans_iters, g)
+                self.weight[j] = cb
+                if not self.shared:
+                    r = r - cb[squared_distances(r, cb).argmin(-1)]
+        if _is_dist():
+            dist.broadcast(self.weight, 0)
+        self.ema_sum.copy_(self.weight)
+        self.ema_count.fill_(1.0)
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def _ema_update(self, codes, residuals):
+        """EMA of code counts and residual sums (all-reduced under DDP), Laplace-smoothed means, dead-code restarts."""
+        nb, V = self.weight.shape[:2]
+        counts = torch.zeros(self.depth, V, device=codes.device)
+        sums = torch.zeros(self.depth, V, self.dim, device=codes.device)
+        for j in range(self.depth):
+            counts[j].index_add_(0, codes[:, j], torch.ones_like(codes[:, j], dtype=torch.float))
+            sums[j].index_add_(0, codes[:, j], residuals[j])
+        if _is_dist():
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
+        self.usage.copy_(counts)
+        if self.shared:  # one codebook sees the residuals of every depth
+            counts, sums = counts.sum(0, keepdim=True), sums.sum(0, keepdim=True)
+        self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        n = self.ema_count.sum(-1, keepdim=True)
+        smoothed = (self.ema_count + self.eps) / (n + V * self.eps) * n  # Laplace smoothing
+        self.weight.copy_(self.ema_sum / smoothed.unsqueeze(-1))
+        self._restart_dead(residuals)
+
+    @torch.no_grad()
+    def _restart_dead(self, residuals):
+        """Move dead codes onto random residuals of the current batch and reset their EMA statistics.
+
+        The dead set is the same on every rank (counts are all-reduced); the replacement vectors are drawn on
+        rank 0 and broadcast, so every rank makes the same restarts and the codebooks stay identical.
+        """
+        dead = self.ema_count < self.dead_threshold  # (nb, V)
+        if not bool(dead.any()):
+            return
+        nb, V = dead.shape
+        candidates = torch.empty(nb, V, self.dim, device=self.weight.device)
+        if not _is_dist() or dist.get_rank() == 0:
+            for j in range(nb):
+                pool = torch.cat(residuals) if self.shared else residuals[j]  # (N, c)
+                pick = torch.randint(0, pool.shape[0], (V,), device=pool.device)
+                candidates[j] = pool[pick]
+        if _is_dist():
+            dist.broadcast(candidates, 0)
+        self.weight[dead] = candidates[dead]
+        self.ema_sum[dead] = candidates[dead]
+        self.ema_count[dead] = 1.0
+
+    def usage_stats(self):
+        """Per-depth perplexity and fraction of codes used in the last training batch."""
+        p = self.usage / self.usage.sum(-1, keepdim=True).clamp_min(1)
+        perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum(-1))
+        return perplexity.tolist(), (self.usage > 0).float().mean(-1).tolist()
+
+
+def _kmeans(x, k, iters, generator):
+    """Plain Lloyd k-means (init: k random points); an empty cluster keeps its centre."""
+    idx = torch.randperm(x.shape[0], generator=generator)[:k].to(x.device)
+    if idx.numel() < k:  # fewer points than codes: repeat points, jitter so codes differ
+        extra = torch.randint(0, x.shape[0], (k - idx.numel(),), generator=generator).to(x.device)
+        idx = torch.cat([idx, extra])
+    centres = x[idx].clone() + 1e-4 * torch.randn(k, x.shape[1], generator=generator).to(x.device)
+    for _ in range(iters):
+        assign = squared_distances(x, centres).argmin(-1)
+        counts = torch.bincount(assign, minlength=k).float()
+        sums = torch.zeros_like(centres).index_add_(0, assign, x)
+        filled = counts > 0
+        centres[filled] = sums[filled] / counts[filled].unsqueeze(-1)
+    return centres
+
+
+#################################################################################
+#                              RVQ-VAE tokenizer                                #
+#################################################################################
+
+@dataclass
+class TokenizerConfig:
+    image_size: int = 32        # images are square, image_size x image_size
+    channels: int = 1           # 1 (grayscale) or 3 (RGB)
+    base_channels: int = 64     # width of the first conv stage; doubled at each downsampling (capped at 4x)
+    downsample: int = 2         # number of stride-2 stages: grid = image_size / 2**downsample
+    res_blocks: int = 1         # residual blocks per stage
+    full_res_blocks: bool = False  # residual blocks at full resolution too (costly; off for the CPU demo)
+    code_dim: int = 16          # c: latent (code) dimension
+    depth: int = 4              # D: RVQ depth
+    codebook_size: int = 256    # V: codes per codebook
+    shared_codebook: bool = False
+    commit_weight: float = 0.25  # beta of the cumulative commitment loss
+    ema_decay: float = 0.99
+
+    @property
+    def grid(self):
+        return self.image_size // 2 ** self.downsample
+
+
+# Named configurations. Fashion-MNIST 28x28 is zero-padded to 32x32.
+CONFIGS = {
+    "fmnist": dict(image_size=32, channels=1, base_channels=32, downsample=2, code_dim=16, depth=4, codebook_size=256),
+    "fmnist-4x4": dict(image_size=32, channels=1, base_channels=64, downsample=3, code_dim=32, depth=8, codebook_size=256),
+    # ImageNet 256x256 -> 8x8 grid with D = 16 (PAPER.md §2): five stride-2 stages.
+    "imagenet256": dict(image_size=256, channels=3, base_channels=128, downsample=5, res_blocks=2, full_res_blocks=True, code_dim=256,
+                        depth=16, codebook_size=16384),
+}
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.GroupNorm(min(32, ch // 4), ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1),
+            nn.GroupNorm(min(32, ch // 4), ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1))
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+def _stage_channels(cfg):
+    return [cfg.base_channels * min(2 ** i, 4) for i in range(cfg.downsample + 1)]
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        chs = _stage_channels(cfg)
+        layers = [nn.Conv2d(cfg.channels, chs[0], 3, padding=1)]
+        for i in range(cfg.downsample):
+            layers += [ResBlock(chs[i]) for _ in range(cfg.res_blocks if i > 0 or cfg.full_res_blocks else 0)]
+            layers += [nn.Conv2d(chs[i], chs[i + 1], 4, stride=2, padding=1)]
+        layers += [ResBlock(chs[-1]) for _ in range(cfg.res_blocks)]
+        layers += [nn.GroupNorm(min(32, chs[-1] // 4), chs[-1]), nn.SiLU(), nn.Conv2d(chs[-1], cfg.code_dim, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):  # (B, C, H, W) -> (B, c, h, w)
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        chs = _stage_channels(cfg)[::-1]
+        layers = [nn.Conv2d(cfg.code_dim, chs[0], 3, padding=1)]
+        layers += [ResBlock(chs[0]) for _ in range(cfg.res_blocks)]
+        for i in range(cfg.downsample):
+            # a 4x4 stride-2 transposed conv costs half of upsample + 3x3 conv at the higher resolution
+            layers += [nn.ConvTranspose2d(chs[i], chs[i + 1], 4, stride=2, padding=1)]
+            last = i == cfg.downsample - 1
+            layers += [ResBlock(chs[i + 1]) for _ in range(cfg.res_blocks if not last or cfg.full_res_blocks else 0)]
+        layers += [nn.GroupNorm(min(32, chs[-1] // 4), chs[-1]), nn.SiLU(), nn.Conv2d(chs[-1], cfg.channels, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z):  # (B, c, h, w) -> (B, C, H, W)
+        return self.net(z)
+
+
+class Tokenizer(nn.Module):
+    """RVQ-VAE: conv encoder -> RVQ over the (h, w) grid -> conv decoder (DESIGN.md §4.1).
+
+    Images are float (B, C, H, W) in [-1, 1]; codes are (B, h, w, D) int64.
+    """
+
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.rvq = RVQ(cfg.depth, cfg.codebook_size, cfg.code_dim, shared=cfg.shared_codebook, decay=cfg.ema_decay)
+        # s: maps quantized latents to unit variance for the generative model (measured after training).
+        self.register_buffer("scale", torch.tensor(1.0))
+
+    @property
+    def config(self):
+        return asdict(self.cfg)
+
+    @property
+    def latent_scale(self):
+        return float(self.scale)
+
+    def encode_latent(self, images):  # (B, C, H, W) -> (B, h, w, c)
+        return self.encoder(images).permute(0, 2, 3, 1)
+
+    def decode_latent(self, zq):  # (B, h, w, c) -> (B, C, H, W)
+        return self.decoder(zq.permute(0, 3, 1, 2))
+
+    @torch.no_grad()
+    def encode(self, images):
+        """Images (B, C, H, W) in [-1, 1] -> codes (B, h, w, D) int64."""
+        return self.rvq.quantize(self.encode_latent(images))
+
+    @torch.no_grad()
+    def decode(self, codes):
+        """Codes (B, h, w, D') -> images (B, C, H, W) in [-1, 1]; D' < D decodes a coarse prefix."""
+        zq = self.rvq.dequantize(codes.to(self.scale.device))
+        return self.decode_latent(zq.to(next(self.decoder.parameters()).dtype)).float().clamp(-1, 1)
+
+    def forward(self, images):
+        """Training pass: returns (reconstruction, loss, stats)."""
+        z = self.encode_latent(images)
+        zq, codes, commit = self.rvq(z)
+        recon = self.decode_latent(zq)
+        rec = F.mse_loss(recon.float(), images.float())
+        loss = rec + self.cfg.commit_weight * commit
+        return recon, loss, {"recon_mse": rec.detach(), "commit": commit.detach()}
+
+
+def load_tokenizer(path, device="cpu"):
+    """Tokenizer in eval mode from a checkpoint written by `tokenizer.py train`."""
+    ckpt = load_checkpoint(path, "tokenizer")
+    try:
+        cfg = TokenizerConfig(**ckpt["config"])
+        tok = Tokenizer(cfg)
+        tok.load_state_dict(strip_prefixes(ckpt["model"]))
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"{path}: tokenizer checkpoint does not match this code ({str(e).splitlines()[0][:160]})")
+    return tok.to(device).eval()
+
+
+#################################################################################
+#                                  Image data                                   #
+#################################################################################
+
+def _read_idx(path):
+    """Read an IDX file (the MNIST format), gzipped or not, into a numpy array."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+        zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+        if zero != 0 or dtype_code != 0x08:
+            raise ValueError("not an unsigned-byte IDX file")
+        shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+        arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+        return arr.reshape(shape)
+    except (OSError, ValueError, struct.error, EOFError) as e:
+        raise UserError(f"cannot read IDX file {path}: {e}")
+
+
+def _fashion_mnist(split, data_dir):
+    data_dir = data_dir or FASHION_MNIST_DIR
+    prefix = {"train": "train", "test": "t10k"}[split]
+    paths = []
+    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+        cands = [os.path.join(data_dir, f"{prefix}-{kind}{ext}") for ext in (".gz", "")]
+        found = [p for p in cands if os.path.isfile(p)]
+        if not found:
+            raise UserError(f"Fashion-MNIST file {prefix}-{kind}.gz not found in {data_dir} "
+                            f"(install it with: apt-get install dataset-fashion-mnist, or pass --data-dir)")
+        paths.append(found[0])
+    images, labels = _read_idx(paths[0]), _read_idx(paths[1])
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise UserError(f"Fashion-MNIST files in {data_dir} have unexpected shapes {images.shape}, {labels.shape}")
+    images = np.pad(images, ((0, 0), (2, 2), (2, 2)))[..., None]  # 28x28 -> 32x32, (N, 32, 32, 1)
+    return images, labels.astype(np.int64), 10
+
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """An ImageNet-style folder of class folders (sorted class names -> labels 0..N-1), read lazily with Pillow."""
+
+    def __init__(self, root, image_size):
+        self.root, self.image_size = root, image_size
+        classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        if not classes:
+            raise UserError(f"{root} holds no class folders")
+        self.files, labels = [], []
+        for i, c in enumerate(classes):
+            for name in sorted(os.listdir(os.path.join(root, c))):
+                if name.lower().endswith(IMAGE_EXTS):
+                    self.files.append(os.path.join(root, c, name))
+                    labels.append(i)
+        if not self.files:
+            raise UserError(f"no images found in the class folders of {root}")
+        self.classes, self.labels = classes, np.asarray(labels, dtype=np.int64)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(load_image_file(self.files[i], self.image_size)), int(self.labels[i])
+
+
+def load_image_file(path, size):
+    """Center crop to a square, resize to size x size (bicubic), RGB uint8 (size, size, 3)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            s = min(w, h)
+            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+            im = im.resize((size, size), Image.BICUBIC)
+            return np.asarray(im, dtype=np.uint8).copy()
+    except OSError as e:
+        raise UserError(f"cannot read image {path}: {e}")
+
+
+class ArrayImages(torch.utils.data.Dataset):
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self.images[i]), int(self.labels[i])
+
+
+def open_images(data, split="train", data_dir=None, image_size=None, limit=None):
+    """An image data set: `fashion_mnist` (in memory) or an image folder (lazy). Returns (dataset, num_classes).
+
+    dataset[i] -> (uint8 tensor (H, W, C), label); dataset.labels is an int64 numpy array.
+    """
+    if split not in ("train", "test"):
+        raise UserError(f"unknown split {split!r} (train or test)")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be >= 1 (got {limit})")
+    if data == "fashion_mnist":
+        images, labels, nc = _fashion_mnist(split, data_dir)
+        if image_size not in (None, images.shape[1]):
+            raise UserError(f"Fashion-MNIST images are {images.shape[1]}x{images.shape[1]} (padded); got --image-size {image_size}")
+        ds = ArrayImages(images[:limit], labels[:limit])
+        return ds, nc
+    if not os.path.isdir(data):
+        raise UserError(f"--data {data!r} is neither 'fashion_mnist' nor an existing folder")
+    root = data
+    for name in ((split,) if split == "train" else (split, "val")):
+        if os.path.isdir(os.path.join(data, name)):
+            root = os.path.join(data, name)
+            break
+    ds = ImageFolder(root, image_size or 256)
+    nc = len(ds.classes)
+    if limit is not None:
+        ds.files, ds.labels = ds.files[:limit], ds.labels[:limit]
+    return ds, nc
+
+
+def load_images(data, split="train", data_dir=None, image_size=None, limit=None):
+    """All images of a split in memory: (uint8 (N, H, W, C), int64 labels (N,), num_classes)."""
+    ds, nc = open_images(data, split, data_dir, image_size, limit)
+    if isinstance(ds, ArrayImages):
+        return np.ascontiguousarray(ds.images), ds.labels, nc
+    images = np.stack([ds[i][0].numpy() for i in range(len(ds))])
+    return images, ds.labels, nc
+
+
+def to_float(images):
+    """uint8 (N, H, W, C) numpy or tensor -> float (N, C, H, W) in [-1, 1]."""
+    x = torch.as_tensor(np.asarray(images)) if not torch.is_tensor(images) else images
+    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_uint8(x):
+    """float (N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C) numpy."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images, path, nrow):
+    """Write uint8 (N, H, W, C) images as one PNG grid with `nrow` images per row."""
+    from PIL import Image
+    n, h, w, c = images.shape
+    rows = math.ceil(n / nrow)
+    grid = np.zeros((rows * (h + 2) + 2, nrow * (w + 2) + 2, c), dtype=np.uint8)
+    for i in range(n):
+        y, x = divmod(i, nrow)
+        grid[2 + y * (h + 2): 2 + y * (h + 2) + h, 2 + x * (w + 2): 2 + x * (w + 2) + w] = images[i]
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
+    os.close(fd)
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+#################################################################################
+#                                 Code caches                                   #
+#################################################################################
+
+def write_code_cache(out, codes, labels, meta):
+    """Write codes.npy (uint16), labels.npy (int64) and meta.json into `out`, each by atomic rename."""
+    os.makedirs(out, exist_ok=True)
+    for name, arr in (("codes.npy", np.asarray(codes, dtype=np.uint16)), ("labels.npy", np.asarray(labels, dtype=np.int64))):
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=out)
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, arr)
+        os.replace(tmp, os.path.join(out, name))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=out)
+    with os.fdopen(fd, "w") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(tmp, os.path.join(out, "meta.json"))
+
+
+META_KEYS = ("depth", "codebook_size", "grid", "code_dim", "latent_scale", "num_classes", "tokenizer_hash")
+
+
+def load_code_cache(path):
+    """(codes uint16 memmap (N, L, D) or (N, h, w, D), labels int64 (N,), meta dict); UserError on anything wrong."""
+    if not os.path.isdir(path):
+        raise UserError(f"code cache folder not found: {path}")
+    files = {n: os.path.join(path, n) for n in ("codes.npy", "labels.npy", "meta.json")}
+    for n, p in files.items():
+        if not os.path.isfile(p):
+            raise UserError(f"{path} is not a code cache: {n} missing (make one with `python tokenizer.py encode`)")
+    try:
+        with open(files["meta.json"]) as f:
+            meta = json.load(f)
+        codes = np.load(files["codes.npy"], mmap_mode="r")
+        labels = np.load(files["labels.npy"], mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read code cache {path}: {e}")
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise UserError(f"{files['meta.json']} lacks {', '.join(missing)}")
+    if codes.ndim not in (3, 4) or codes.shape[-1] != meta["depth"]:
+        raise UserError(f"{files['codes.npy']} has shape {codes.shape}; expected (N, L, {meta['depth']}) or (N, h, w, {meta['depth']})")
+    if labels.shape != (codes.shape[0],):
+        raise UserError(f"{path}: {codes.shape[0]} code grids but labels of shape {labels.shape}")
+    return codes, labels, meta
+
+
+#################################################################################
+#                                Commands                                       #
+#################################################################################
+
+def _setup_dist():
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python` run is a world of one."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def measure_latent_scale(tok, images, batch_size=256):
+    """s = 1 / std of the quantized latents over `images` (uint8 (N, H, W, C)): scaled latents have unit variance."""
+    dev = tok.scale.device
+    total, total_sq, n = 0.0, 0.0, 0
+    for i in range(0, len(images), batch_size):
+        zq = tok.rvq.dequantize(tok.encode(to_float(images[i:i + batch_size]).to(dev))).double()
+        total += zq.sum().item()
+        total_sq += zq.pow(2).sum().item()
+        n += zq.numel()
+    var = total_sq / n - (total / n) ** 2
+    return 1.0 / math.sqrt(max(var, 1e-12))
+
+
+@torch.no_grad()
+def psnr_by_depth(tok, images, batch_size=256):
+    """PSNR (dB, images in [0, 1]) of reconstructions decoded from depth prefixes 1..D, and per-depth code counts."""
+    dev = tok.scale.device
+    D, V = tok.rvq.depth, tok.rvq.codebook_size
+    se = torch.zeros(D, dtype=torch.float64)
+    counts = torch.zeros(D, V, dtype=torch.float64)
+    for i in range(0, len(images), batch_size):
+        x = to_float(images[i:i + batch_size]).to(dev)
+        codes = tok.encode(x)
+        for j in range(D):
+            counts[j] += torch.bincount(codes[..., j].flatten(), minlength=V).double().cpu()
+        for d in range(1, D + 1):
+            rec = tok.decode(codes[..., :d])
+            se[d - 1] += ((rec - x) / 2).pow(2).double().sum().cpu()
+    mse = se / (len(images) * images[0].size)
+    psnr = (10 * torch.log10(1.0 / mse)).tolist()
+    p = counts / counts.sum(-1, keepdim=True)
+    perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum(-1)).tolist()
+    used = (counts > 0).double().mean(-1).tolist()
+    return psnr, perplexity, used
+
+
+def cmd_train(args):
+    rank, world = _setup_dist()
+    if args.steps < 1:
+        raise UserError(f"--steps must be >= 1 (got {args.steps})")
+    if args.batch_size < 1 or args.batch_size % world:
+        raise UserError(f"--batch-size must be a positive multiple of the number of processes ({world})")
+    device = parse_device(args.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if args.config not in CONFIGS:
+        raise UserError(f"unknown --config {args.config!r} (choose from {', '.join(CONFIGS)})")
+    overrides = {k: v for k, v in dict(depth=args.depth, codebook_size=args.codebook_size, code_dim=args.code_dim,
+                                       shared_codebook=args.shared_codebook or None).items() if v is not None}
+    cfg = TokenizerConfig(**{**CONFIGS[args.config], **overrides})
+    if cfg.depth < 1 or cfg.codebook_size < 2 or cfg.code_dim < 1:
+        raise UserError(f"--depth must be >= 1, --codebook-size >= 2, --code-dim >= 1 (got {cfg.depth}, {cfg.codebook_size}, {cfg.code_dim})")
+    if cfg.codebook_size > 65536:
+        raise UserError("--codebook-size must be <= 65536 (code caches store uint16)")
+    if rank == 0:
+        check_writable_dir(args.out)
+    ds, num_classes = open_images(args.data, "train", args.data_dir, args.image_size or cfg.image_size, args.limit)
+    sample = ds[0][0]
+    if sample.shape[0] != cfg.image_size or sample.shape[-1] != cfg.channels:
+        raise UserError(f"--config {args.config} expects {cfg.image_size}x{cfg.image_size}x{cfg.channels} images, "
+                        f"--data gives {tuple(sample.shape)}")
+    torch.manual_seed(args.seed)
+    tok = Tokenizer(cfg).to(device)
+    opt = torch.optim.AdamW(tok.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    step = 0
+    ckpt_path = os.path.join(args.out, "last.pt")
+    if os.path.exists(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path, "tokenizer")
+        if ckpt["config"] != asdict(cfg):
+            raise UserError(f"{ckpt_path} was trained with another configuration; use a new --out")
+        tok.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        if rank == 0:
+            print(f"resuming from {ckpt_path} at step {step}", flush=True)
+    model = tok
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(tok, broadcast_buffers=False)
+    per_rank = args.batch_size // world
+    n = len(ds)
+    steps_per_epoch = max(1, n // args.batch_size)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    t0, last_log = time.time(), step
+    tok.train()
+    while step < args.steps:
+        # the data order is a pure function of (seed, epoch): resuming at any step replays the same batches
+        epoch, pos = divmod(step, steps_per_epoch)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 1000003 + epoch))
+        idx = perm[pos * args.batch_size:(pos + 1) * args.batch_size]
+        if len(idx) < args.batch_size:  # fewer images than one batch: sample with replacement
+            idx = torch.randint(0, n, (args.batch_size,), generator=torch.Generator().manual_seed(args.seed + step))
+        idx = idx[rank * per_rank:(rank + 1) * per_rank]
+        x = to_float(torch.stack([ds[int(i)][0] for i in idx])).to(device)
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.5 * (1 + math.cos(math.pi * step / args.steps)) * 0.9 + 0.1)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with autocast:
+            _, loss, stats = model(x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tok.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if rank == 0 and (step % args.log_every == 0 or step == args.steps):
+            perp, _ = tok.rvq.usage_stats()
+            rate = (step - last_log) / (time.time() - t0)
+            t0, last_log = time.time(), step
+            psnr = -10 * math.log10(max(stats["recon_mse"].item() / 4, 1e-12))
+            print(f"step {step:6d} | loss {loss.item():.4f} | psnr {psnr:5.2f} dB | commit {stats['commit'].item():.4f} | "
+                  f"perplexity/depth {' '.join(f'{p:.0f}' for p in perp)} | {rate:.2f} steps/s", flush=True)
+        if rank == 0 and (step % args.ckpt_every == 0 or step == args.steps):
+            if step == args.steps:
+                # s is measured on training images once training ends (DESIGN.md §4.1)
+                tok.eval()
+                imgs = np.stack([ds[i][0].numpy() for i in range(min(n, 5000))])
+                tok.scale.fill_(measure_latent_scale(tok, imgs))
+                tok.train()
+            save_checkpoint({"kind": "tokenizer", "config": asdict(cfg), "model": tok.state_dict(),
+                             "optimizer": opt.state_dict(), "step": step, "num_classes": num_classes,
+                             "args": vars(args)}, ckpt_path)
+    if rank == 0:
+        print(f"saved {ckpt_path} (latent scale s = {tok.latent_scale:.4f})", flush=True)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def cmd_encode(args):
+    device = parse_device(args.device)
+    tok = load_tokenizer(args.ckpt, device)
+    ds, num_classes = open_images(args.data, args.split, args.data_dir, tok.cfg.image_size, args.limit)
+    sample = ds[0][0]
+    if sample.shape[0] != tok.cfg.image_size or sample.shape[-1] != tok.cfg.channels:
+        raise UserError(f"tokenizer expects {tok.cfg.image_size}x{tok.cfg.image_size}x{tok.cfg.channels} images, "
+                        f"--data gives {tuple(sample.shape)}")
+    check_writable_dir(args.out)
+    g = tok.cfg.grid
+    n = len(ds)
+    # Write into a temporary .npy memmap (ImageNet-sized caches never sit in RAM), then rename into place.
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=args.out)
+    os.close(fd)
+    try:
+        codes = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint16, shape=(n, g, g, tok.cfg.depth))
+        loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
+        t0, i = time.time(), 0
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+        for x, _ in loader:
+            with torch.no_grad(), autocast:
+                c = tok.encode(to_float(x).to(device))
+            codes[i:i + len(x)] = c.cpu().numpy().astype(np.uint16)
+            i += len(x)
+            if i % (args.batch_size * 20) < args.batch_size or i == n:
+                print(f"encoded {i}/{n} images ({i / (time.time() - t0):.0f} images/s)", file=sys.stderr, flush=True)
+        codes.flush()
+        del codes
+        os.replace(tmp, os.path.join(args.out, "codes.npy"))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    meta = {"depth": tok.cfg.depth, "codebook_size": tok.cfg.codebook_size, "grid": [g, g],
+            "code_dim": tok.cfg.code_dim, "latent_scale": tok.latent_scale, "num_classes": num_classes,
+            "image_size": tok.cfg.image_size, "channels": tok.cfg.channels, "split": args.split,
+            "data": args.data, "tokenizer": os.path.abspath(args.ckpt), "tokenizer_hash": file_hash(args.ckpt)}
+    labels = np.asarray(ds.labels, dtype=np.int64)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=args.out)
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, labels)
+    os.replace(tmp, os.path.join(args.out, "labels.npy"))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=args.out)
+    with os.fdopen(fd, "w") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(tmp, os.path.join(args.out, "meta.json"))
+    print(f"wrote {n} code grids {g}x{g}x{tok.cfg.depth} to {args.out} in {time.time() - t0:.1f} s", flush=True)
+
+
+def cmd_reconstruct(args):
+    device = parse_device(args.device)
+    tok = load_tokenizer(args.ckpt, device)
+    images, _, _ = load_images(args.data, args.split, args.data_dir, tok.cfg.image_size, args.limit)
+    folder = os.path.dirname(os.path.abspath(args.out))
+    check_writable_dir(folder)
+    psnr, perplexity, used = psnr_by_depth(tok, images)
+    print(f"{len(images)} {args.split} images, codebook size {tok.cfg.codebook_size}")
+    print("depth | PSNR (dB) | perplexity | codes used")
+    for d in range(tok.cfg.depth):
+        print(f"{d + 1:5d} | {psnr[d]:9.2f} | {perplexity[d]:10.1f} | {used[d] * 100:9.1f}%")
+    print(json.dumps({"psnr": psnr, "perplexity": perplexity, "used": used, "n": len(images)}))
+    # The picture: originals on top, then decodes from depth prefixes 1..D (coarse to fine).
+    k = min(args.show, len(images))
+    x = to_float(images[:k]).to(device)
+    codes = tok.encode(x)
+    rows = [images[:k]] + [to_uint8(tok.decode(codes[..., :d])) for d in range(1, tok.cfg.depth + 1)]
+    save_grid(np.concatenate(rows), args.out, nrow=k)
+    print(f"wrote {args.out}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="RVQ tokenizer: train, encode to a code cache, reconstruct.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def data_args(q):
+        q.add_argument("--data", default="fashion_mnist", help="'fashion_mnist' or an ImageNet-style folder of class folders")
+        q.add_argument("--data-dir", default=None, help=f"folder of the Fashion-MNIST IDX files (default {FASHION_MNIST_DIR})")
+        q.add_argument("--limit", type=int, default=None, help="use only the first N images")
+        q.add_argument("--device", default=default_device())
+
+    t = sub.add_parser("train", help="train the RVQ-VAE")
+    data_args(t)
+    t.add_argument("--out", default="runs/tokenizer")
+    t.add_argument("--config", default="fmnist", help=f"named configuration: {', '.join(CONFIGS)}")
+    t.add_argument("--image-size", type=int, default=None, help="resize folder images to this size (default: the config's)")
+    t.add_argument("--depth", type=int, default=None, help="D: RVQ depth (default: the config's)")
+    t.add_argument("--codebook-size", type=int, default=None, help="V: codes per codebook (default: the config's)")
+    t.add_argument("--code-dim", type=int, default=None, help="c: latent dimension (default: the config's)")
+    t.add_argument("--shared-codebook", action="store_true", help="one codebook for all depths")
+    t.add_argument("--steps", type=int, default=3000)
+    t.add_argument("--batch-size", type=int, default=128, help="global batch (split over torchrun processes)")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--warmup", type=int, default=100)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--log-every", type=int, default=100)
+    t.add_argument("--ckpt-every", type=int, default=1000)
+
+    e = sub.add_parser("encode", help="encode a split into a code cache (codes.npy, labels.npy, meta.json)")
+    data_args(e)
+    e.add_argument("--ckpt", default="runs/tokenizer/last.pt")
+    e.add_argument("--split", default="train", choices=["train", "test"])
+    e.add_argument("--out", required=True)
+    e.add_argument("--batch-size", type=int, default=500)
+    e.add_argument("--workers", type=int, default=0, help="DataLoader workers (image folders)")
+
+    r = sub.add_parser("reconstruct", help="PSNR and code usage per depth, and a coarse-to-fine picture")
+    data_args(r)
+    r.add_argument("--ckpt", default="runs/tokenizer/last.pt")
+    r.add_argument("--split", default="test", choices=["train", "test"])
+    r.add_argument("--out", default="recon.png")
+    r.add_argument("--show", type=int, default=8, help="images in the picture")
+
+    args = p.parse_args(argv)
+    for k in ("steps", "batch_size", "log_every", "ckpt_every", "show"):
+        if getattr(args, k, 1) is not None and getattr(args, k, 1) < 1:
+            raise UserError(f"--{k.replace('_', '-')} must be >= 1 (got {getattr(args, k)})")
+    for k in ("depth", "codebook_size", "code_dim"):
+        v = getattr(args, k, None)
+        if v is not None and v < 1:
+            raise UserError(f"--{k.replace('_', '-')} must be >= 1 (got {v})")
+    {"train": cmd_train, "encode": cmd_encode, "reconstruct": cmd_reconstruct}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    run_cli(main)

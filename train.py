@@ -1,0 +1,313 @@
+"""
+Train ResGen on a cache of RVQ codes (DESIGN.md §4.2, §4.3, §6, §7).
+
+    # 1 CPU (the Fashion-MNIST demo model)
+    python train.py --data runs/fashion_mnist_codes --model small --out runs/resgen --steps 1200 --batch-size 64 --device cpu
+    # 1 GPU (bf16 autocast, TF32)
+    python train.py --data imagenet_latents --model xl --out runs/resgen_xl --batch-size 256 --compile
+    # 8 GPUs on one node (DDP over NCCL); --batch-size is the global batch
+    torchrun --nproc_per_node=8 train.py --data imagenet_latents --model xl --out runs/resgen_xl --batch-size 2048 --lr 8e-4
+    # 2 nodes x 8 GPUs: run on every node, NODE_RANK = 0 or 1, MASTER = the address of node 0
+    torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$MASTER:29500 \
+        train.py --data imagenet_latents --model xl --out runs/resgen_xl --batch-size 2048 --lr 8e-4
+
+`--data` is a code cache made by `python tokenizer.py encode` (codes.npy, labels.npy, meta.json).
+Rerunning the same command resumes from OUT/last.pt: model, EMA, optimiser, step, data position and RNG
+states, so an interrupted run ends where an uninterrupted one would.
+"""
+import argparse
+import copy
+import glob
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from resgen import HEADS, SIZES, ResGen, ResGenConfig, make_config
+from tokenizer import (UserError, check_writable_dir, default_device, file_hash, load_checkpoint, load_code_cache,
+                       load_tokenizer, parse_device, run_cli, save_checkpoint)
+
+
+#################################################################################
+#                                Data on cached codes                           #
+#################################################################################
+
+def check_codes_in_range(codes, codebook_size, chunk=1 << 16):
+    """Scan the (memory-mapped) cache once in chunks: a code >= V would index past the codebook."""
+    for i in range(0, len(codes), chunk):
+        hi = int(np.asarray(codes[i:i + chunk]).max())
+        if hi >= codebook_size:
+            raise UserError(f"codes.npy holds code {hi} but meta.json says the codebook has {codebook_size} codes")
+
+
+def batch_indices(step, n, global_batch, seed):
+    """Indices of the global batch at `step`: a permutation per epoch from (seed, epoch), taken in order.
+
+    A pure function of the step, so a resumed run (and every rank) reads exactly the batches an uninterrupted
+    run would: the distributed sampler is this function plus a per-rank slice.
+    """
+    per_epoch = max(1, n // global_batch)
+    epoch, pos = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    idx = perm[pos * global_batch:(pos + 1) * global_batch]
+    if len(idx) < global_batch:  # fewer examples than one batch: draw with replacement
+        idx = torch.randint(0, n, (global_batch,), generator=torch.Generator().manual_seed(seed * 7 + step))
+    return idx.numpy()
+
+
+def load_batch(codes, labels, idx, device):
+    order = np.argsort(idx)  # sorted reads are kinder to a memory-mapped file
+    x = torch.from_numpy(np.asarray(codes[idx[order]]).astype(np.int64))
+    y = torch.from_numpy(np.asarray(labels[idx[order]]).astype(np.int64))
+    x = x.reshape(len(idx), -1, x.shape[-1])  # (B, L, D) from (B, L, D) or (B, h, w, D)
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def codebooks_for(meta, tokenizer_path=None):
+    """The tokenizer's codebooks times the latent scale s: (D, V, c) in the model's (scaled) units."""
+    path = tokenizer_path or meta.get("tokenizer")
+    if not path or not os.path.isfile(path):
+        raise UserError(f"tokenizer checkpoint {path!r} named by the code cache was not found; pass --tokenizer")
+    h = file_hash(path)
+    if h != meta["tokenizer_hash"]:
+        raise UserError(f"tokenizer {path} (hash {h}) is not the one that made the code cache "
+                        f"(hash {meta['tokenizer_hash']})")
+    tok = load_tokenizer(path)
+    return tok.rvq.codebooks.detach().clone() * meta["latent_scale"]
+
+
+#################################################################################
+#                                     Training                                  #
+#################################################################################
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """EMA of the weights, DiT style (buffers, i.e. the frozen codebooks, are copied)."""
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm.detach(), 1.0 - decay)
+
+
+def lr_at(step, args):
+    """Linear warm-up, then constant or cosine decay to 10%."""
+    warm = min(1.0, (step + 1) / max(1, args.warmup))
+    if args.decay == "cosine":
+        t = min(1.0, step / max(1, args.steps))
+        return args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+    return args.lr * warm
+
+
+def setup_dist():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def build_config(args, meta):
+    length = int(np.prod(meta["grid"]))
+    return make_config(args.model, length=length, depth=meta["depth"], codebook_size=meta["codebook_size"],
+                       code_dim=meta["code_dim"], num_classes=meta["num_classes"], head=args.head,
+                       mixtures=args.mixtures, label_dropout=args.label_dropout)
+
+
+def validate(args, world):
+    for k in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "mixtures"):
+        if getattr(args, k) < 1:
+            raise UserError(f"--{k.replace('_', '-')} must be >= 1 (got {getattr(args, k)})")
+    if args.model not in SIZES:
+        raise UserError(f"unknown --model {args.model!r} (choose from {', '.join(SIZES)})")
+    if args.head not in HEADS:
+        raise UserError(f"unknown --head {args.head!r} (choose from {', '.join(HEADS)})")
+    if not args.lr > 0:
+        raise UserError(f"--lr must be > 0 (got {args.lr})")
+    if not 0 <= args.ema_decay < 1:
+        raise UserError(f"--ema-decay must be in [0, 1) (got {args.ema_decay})")
+    if not 0 <= args.label_dropout < 1:
+        raise UserError(f"--label-dropout must be in [0, 1) (got {args.label_dropout})")
+    if args.batch_size % (world * args.grad_accum):
+        raise UserError(f"--batch-size {args.batch_size} must divide by processes x --grad-accum "
+                        f"({world} x {args.grad_accum})")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Train ResGen on cached RVQ codes.")
+    p.add_argument("--data", default="imagenet_latents", help="code cache folder (tokenizer.py encode)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: the one named in meta.json)")
+    p.add_argument("--out", default="runs/resgen", help="run folder: last.pt, log.jsonl, samples")
+    p.add_argument("--model", default="xl", help=f"size: {', '.join(SIZES)} (xl = the paper's 574M)")
+    p.add_argument("--head", default="mog", help="mog: cumulative embedding (the paper); tokens: the ablation")
+    p.add_argument("--mixtures", type=int, default=16, help="K, mixture components of the MoG head")
+    p.add_argument("--steps", type=int, default=400_000, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, default=256, help="global batch (all processes, all micro-batches)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (for large global batches)")
+    p.add_argument("--lr", type=float, default=4e-4, help="peak AdamW learning rate (MAR: 8e-4 at batch 2048)")
+    p.add_argument("--warmup", type=int, default=1000, help="linear warm-up steps")
+    p.add_argument("--decay", default="constant", choices=["constant", "cosine"], help="after warm-up")
+    p.add_argument("--weight-decay", type=float, default=0.02)
+    p.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2 (0.95, as MAR and VAR)")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
+    p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA of weights (warmed up: min(decay, (1+t)/(10+t)))")
+    p.add_argument("--label-dropout", type=float, default=0.1, help="p of the null class in training (CFG)")
+    p.add_argument("--device", default=default_device())
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--ckpt-every", type=int, default=5000)
+    p.add_argument("--sample-every", type=int, default=0, help="write a small sample grid every N steps (0: off)")
+    args = p.parse_args(argv)
+
+    rank, world = setup_dist()
+    validate(args, world)
+    device = parse_device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    codes, labels, meta = load_code_cache(args.data)
+    check_codes_in_range(codes, meta["codebook_size"])
+    config = build_config(args, meta)
+    ckpt_path = os.path.join(args.out, "last.pt")
+    ckpt = None
+    if os.path.exists(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path, "resgen")
+        if ckpt.get("config") != asdict(config):
+            raise UserError(f"{ckpt_path} holds a model {ckpt.get('config')} but these flags and data give "
+                            f"{asdict(config)}; use another --out")
+        if ckpt["meta"].get("tokenizer_hash") != meta["tokenizer_hash"]:
+            raise UserError(f"{ckpt_path} was trained on codes of tokenizer {ckpt['meta'].get('tokenizer_hash')}, "
+                            f"--data holds codes of tokenizer {meta['tokenizer_hash']}")
+    codebooks = codebooks_for(meta, args.tokenizer)
+    if rank == 0:
+        check_writable_dir(args.out)
+        for stale in glob.glob(os.path.join(args.out, ".tmp-*")):  # left by a kill during a write
+            os.unlink(stale)
+
+    torch.manual_seed(args.seed + rank)  # per-rank seeds: different masks and label drops on each rank
+    model = ResGen(config, codebooks).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    decay_params = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    other_params = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay_params, "weight_decay": args.weight_decay},
+                             {"params": other_params, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, args.beta2), fused=device.type == "cuda")
+    step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        set_rng_state(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)], device)
+    log_path = os.path.join(args.out, "log.jsonl")
+    if rank == 0:
+        # keep the log in step with the checkpoint: lines written after it by a killed run are dropped
+        lines = []
+        if os.path.exists(log_path):
+            with open(log_path) as f:
+                lines = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
+        with open(log_path, "w") as f:
+            f.writelines(lines)
+        print(f"ResGen {args.model} ({args.head} head): {model.num_params() / 1e6:.2f}M parameters, L={config.length}, "
+              f"D={config.depth}, V={config.codebook_size}, {len(codes)} training grids, {world} process(es) on "
+              f"{device.type}" + (f"; resuming at step {step}" if step else ""), flush=True)
+
+    train_model = model
+    if world > 1:
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        train_model = torch.compile(train_model)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    micro = args.batch_size // (world * args.grad_accum)
+    tokens_per_step = args.batch_size * config.length * config.depth
+    t0, last_step = time.time(), step
+    start_time, start_step = time.time(), step
+    model.train()
+    while step < args.steps:
+        lr = lr_at(step, args)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = batch_indices(step, len(codes), args.batch_size, args.seed)
+        idx = idx[rank * micro * args.grad_accum:(rank + 1) * micro * args.grad_accum]
+        loss_sum = torch.zeros((), device=device)
+        for m in range(args.grad_accum):
+            x, y = load_batch(codes, labels, idx[m * micro:(m + 1) * micro], device)
+            sync = m == args.grad_accum - 1 or world == 1
+            ctx = train_model.no_sync() if not sync and hasattr(train_model, "no_sync") else torch.enable_grad()
+            with ctx, autocast:
+                loss, stats = train_model(x, y)
+                (loss / args.grad_accum).backward()
+            loss_sum += loss.detach() / args.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        update_ema(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))
+
+        if step % args.log_every == 0 or step == args.steps:
+            if world > 1:
+                dist.all_reduce(loss_sum)
+                loss_sum /= world
+            if rank == 0:
+                now = time.time()
+                rate = (step - last_step) / max(now - t0, 1e-9)
+                t0, last_step = now, step
+                eta = (args.steps - step) / max((step - start_step) / (now - start_time), 1e-9)
+                rec = {"step": step, "loss": round(loss_sum.item(), 6), "lr": lr, "grad_norm": round(grad_norm.item(), 4),
+                       "steps_per_s": round(rate, 3), "tokens_per_s": round(rate * tokens_per_step),
+                       **{k: round(v.item(), 4) for k, v in stats.items()}}
+                unit = "nats/dim" if config.head == "mog" else "nats/token"
+                print(f"step {step:7d} | loss {rec['loss']:.4f} {unit} | lr {lr:.2e} | grad {rec['grad_norm']:.3f} | "
+                      f"{rate:.2f} steps/s | {rec['tokens_per_s']:,} tokens/s | ETA {eta / 60:.1f} min", flush=True)
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+        if rank == 0 and args.sample_every and step % args.sample_every == 0:
+            write_sample_grid(ema, meta, args, step, device)
+        if step % args.ckpt_every == 0 or step == args.steps:
+            rngs = [rng_state(device)]
+            if world > 1:  # every rank's RNG state, so masks and label drops resume exactly
+                rngs = [None] * world
+                dist.all_gather_object(rngs, rng_state(device))
+            if rank == 0:
+                save_checkpoint({"kind": "resgen", "config": asdict(config), "model": model.state_dict(),
+                                 "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                 "data_position": step * args.batch_size, "rng": rngs, "meta": meta,
+                                 "args": vars(args)}, ckpt_path)
+    if rank == 0:
+        print(f"saved {ckpt_path} at step {step}", flush=True)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def write_sample_grid(ema, meta, args, step, device):
+    """A small grid from the EMA weights, one row per class (at most 10 classes, 8 samples each)."""
+    from sample import generate_images
+    from tokenizer import save_grid
+    tok = load_tokenizer(args.tokenizer or meta["tokenizer"], device)
+    ncls = min(10, max(1, meta["num_classes"]))
+    labels = torch.arange(ncls).repeat_interleave(8)
+    images = generate_images(ema, tok, labels, batch_size=80, seed=0, device=device)
+    save_grid(images, os.path.join(args.out, f"samples_{step:07d}.png"), nrow=8)
+
+
+if __name__ == "__main__":
+    run_cli(main)
