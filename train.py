@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from resgen import HEADS, SIZES, ResGen, ResGenConfig, make_config
+from resgen import HEADS, SIZES, ResGen, make_config, sample_mask
 from tokenizer import (UserError, check_writable_dir, default_device, file_hash, load_checkpoint, load_code_cache,
                        load_tokenizer, parse_device, run_cli, save_checkpoint)
 
@@ -100,6 +100,19 @@ def lr_at(step, args):
         t = min(1.0, step / max(1, args.steps))
         return args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
     return args.lr * warm
+
+
+def step_noise(step, args, config, device):
+    """Forward masks and label drops for the whole global batch of `step`, from a generator seeded by the step.
+
+    Every rank draws the same global noise and keeps its slice, so N processes compute exactly the batch one
+    process would, and a resumed run redraws exactly what the interrupted one would have.
+    """
+    g = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step + 1)
+    mask = sample_mask(args.batch_size, config.length, config.depth, generator=g, device=device,
+                       schedule=config.schedule)
+    drop = torch.rand(args.batch_size, generator=g, device=device) < config.label_dropout
+    return mask, drop
 
 
 def setup_dist():
@@ -247,14 +260,17 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr
         idx = batch_indices(step, len(codes), args.batch_size, args.seed)
-        idx = idx[rank * micro * args.grad_accum:(rank + 1) * micro * args.grad_accum]
+        mask, drop = step_noise(step, args, config, device)  # (B_global, L, D), (B_global,)
+        mine = slice(rank * micro * args.grad_accum, (rank + 1) * micro * args.grad_accum)
+        idx, mask, drop = idx[mine], mask[mine], drop[mine]
         loss_sum = torch.zeros((), device=device)
         for m in range(args.grad_accum):
-            x, y = load_batch(codes, labels, idx[m * micro:(m + 1) * micro], device)
+            part = slice(m * micro, (m + 1) * micro)
+            x, y = load_batch(codes, labels, idx[part], device)
             sync = m == args.grad_accum - 1 or world == 1
             ctx = train_model.no_sync() if not sync and hasattr(train_model, "no_sync") else torch.enable_grad()
             with ctx, autocast:
-                loss, stats = train_model(x, y)
+                loss, stats = train_model(x, y, mask=mask[part], drop=drop[part])
                 (loss / args.grad_accum).backward()
             loss_sum += loss.detach() / args.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
