@@ -156,9 +156,9 @@ def main(argv=None):
     if args.npz:
         rgb = images if images.shape[-1] == 3 else np.repeat(images, 3, axis=-1)
         tmp = args.npz + ".tmp.npz"
-        np.savez(tmp, arr_0=rgb)
+        np.savez(tmp, arr_0=rgb, arr_1=labels.numpy())  # arr_1: class labels, as in ADM's class-conditional files
         os.replace(tmp, args.npz if args.npz.endswith(".npz") else args.npz + ".npz")
-        print(f"wrote {args.npz}: arr_0 {rgb.shape} uint8")
+        print(f"wrote {args.npz}: arr_0 {rgb.shape} uint8, arr_1 labels")
 
 
 if __name__ == "__main__":

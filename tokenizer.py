@@ -350,7 +350,7 @@ class TokenizerConfig:
 # Named configurations. Fashion-MNIST 28x28 is zero-padded to 32x32.
 CONFIGS = {
     "fmnist": dict(image_size=32, channels=1, base_channels=32, downsample=2, code_dim=16, depth=4, codebook_size=256),
-    "fmnist-4x4": dict(image_size=32, channels=1, base_channels=64, downsample=3, code_dim=32, depth=8, codebook_size=256),
+    "fmnist-4x4": dict(image_size=32, channels=1, base_channels=32, downsample=3, code_dim=32, depth=8, codebook_size=256),
     # ImageNet 256x256 -> 8x8 grid with D = 16 (PAPER.md §2): five stride-2 stages.
     "imagenet256": dict(image_size=256, channels=3, base_channels=128, downsample=5, res_blocks=2, full_res_blocks=True, code_dim=256,
                         depth=16, codebook_size=16384),
