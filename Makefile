@@ -18,8 +18,24 @@ setup-test: setup
 	$(PY) -m pip install --quiet -r requirements-test.txt
 	$(PY) -m pip install --quiet --no-deps pytorch-fid==0.3.0
 
+# The demo's ResGen run (override on the command line, e.g. make demo RESGEN_STEPS=3000)
+RESGEN_STEPS ?= 1500
+SAMPLER ?= --steps 16 --cfg 2
+
 demo: setup
-	$(PY) demo.py --runs $(RUNS)
+	@start=$$(date +%s); set -e; \
+	$(PY) tokenizer.py train --data fashion_mnist --out $(RUNS)/tokenizer --device cpu; \
+	test -f $(RUNS)/fashion_mnist_codes/meta.json || \
+	  $(PY) tokenizer.py encode --ckpt $(RUNS)/tokenizer/last.pt --data fashion_mnist --split train \
+	    --out $(RUNS)/fashion_mnist_codes --device cpu; \
+	$(PY) train.py --data $(RUNS)/fashion_mnist_codes --model small --out $(RUNS)/resgen --steps $(RESGEN_STEPS) \
+	  --batch-size 32 --lr 1e-3 --warmup 100 --log-every 100 --ckpt-every 500 --device cpu; \
+	$(PY) sample.py --ckpt $(RUNS)/resgen/last.pt --n 100 $(SAMPLER) --out samples.png --device cpu; \
+	test -f $(RUNS)/classifier.pt || \
+	  $(PY) eval_fid.py train-classifier --data fashion_mnist --epochs 1 --out $(RUNS)/classifier.pt --device cpu; \
+	$(PY) eval_fid.py --ckpt $(RUNS)/resgen/last.pt --n 500 $(SAMPLER) --no-fid --classifier $(RUNS)/classifier.pt \
+	  --device cpu; \
+	echo "demo finished in $$(( $$(date +%s) - start )) s: samples.png"
 
 test: setup-test
 	$(PY) -m pytest -q test_resgen.py

