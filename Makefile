@@ -19,8 +19,8 @@ setup-test: setup
 	$(PY) -m pip install --quiet --no-deps pytorch-fid==0.3.0
 
 # The demo's ResGen run (override on the command line, e.g. make demo RESGEN_STEPS=3000)
-RESGEN_STEPS ?= 1500
-SAMPLER ?= --steps 16 --cfg 2
+RESGEN_STEPS ?= 1200
+SAMPLER ?= --steps 16 --cfg 3 --temperature 0.7
 
 demo: setup
 	@start=$$(date +%s); set -e; \

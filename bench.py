@@ -20,8 +20,8 @@ What it measures, each as a ratio or a share inside one run, so machine noise ca
   6. with --compile, eager vs torch.compile of the backbone for 3 and 4.
 Repeats are interleaved (round-robin over the settings being compared) and the best time is reported, so a
 burst of load from another process hits every setting alike. Every model has random weights and random
-codebooks: the cost of a step does not depend on the values. Rows that need CUDA print "not measured (no CUDA)"
-on a machine without it.
+codebooks, with a trained-like σ and codebook scale (SAMPLE_LOG_SIGMA: on the CPU the sampler's cost depends on
+them). Rows that need CUDA print "not measured (no CUDA)" on a machine without it.
 """
 import argparse
 import contextlib
@@ -43,7 +43,7 @@ import torch
 
 import resgen
 from resgen import ResGen, make_config
-from tokenizer import UserError, check_writable_dir, run_cli
+from tokenizer import UserError, check_writable_dir, file_hash, run_cli
 from train import step_noise, update_ema
 
 
@@ -60,7 +60,13 @@ IMAGENET_CODES = dict(length=64, depth=16, codebook_size=4096, code_dim=16, num_
 DEPTHS = (4, 8, 16)         # row 1
 DEPTH_CODEBOOKS = (256, 4096)  # row 1 at both codebook sizes: the MoG head's only D-dependent cost scales with V
 CFG_SCALE = 2.0             # any w != 1 turns guidance on (2B rows per pass); the cost does not depend on w
-CODEBOOK_STD = 0.3          # random codebooks: spread like trained ones in scaled units, so sampling is typical
+# Random weights stand in for a trained model, but on the CPU the sampler's cost depends on two values: torch.exp
+# takes a slow path (10-25x) when its result underflows, which re-quantization's confidence hits once the
+# sampled σ is small against the code distances. So the random model is given trained-like values:
+SAMPLE_LOG_SIGMA = -2.0     # MoG log-scale bias: the demo model (small, 1200 steps on Fashion-MNIST codes)
+                            # samples log σ with median -2.2 (10%-90%: -3.7 to -1.1)
+CODEBOOK_RMS_DECAY = 2.0    # codebook j has rms 1 / (1 + 2j) per dimension in scaled units, like a trained RVQ
+                            # (demo, D = 4: 0.94, 0.25, 0.15, 0.11; a D = 16 tokenizer: 1.02, 0.34, 0.21, ..., 0.027)
 DECODE_CHUNK = 64           # images decoded at once: 256x256 activations of a 128-channel decoder are large
 MAX_BATCH_STEPS = 2         # every sampling step has the same shapes, so 2 steps reach the peak memory of 64
 MAX_BATCH_LIMIT = 1 << 17   # stop doubling here
@@ -190,12 +196,16 @@ def summary(seconds):
 #################################################################################
 
 def build(size, codes, device, head="mog", seed=0):
-    """ResGen with random weights and random codebooks (D, V, c) in scaled units, in eval mode."""
+    """ResGen with random weights, random codebooks (D, V, c) in scaled units and a trained-like σ, in eval mode."""
     torch.manual_seed(seed)
     config = make_config(size, head=head, **codes)
     with torch.device(device):  # initialise on the device: xl's 574M parameters are slow to init on a CPU
-        codebooks = CODEBOOK_STD * torch.randn(config.depth, config.codebook_size, config.code_dim)
+        rms = 1.0 / (1.0 + CODEBOOK_RMS_DECAY * torch.arange(config.depth))  # (D,)
+        codebooks = rms[:, None, None] * torch.randn(config.depth, config.codebook_size, config.code_dim)
         model = ResGen(config, codebooks)
+    if head == "mog":  # MoGHead.split reads the log-scales from outputs K..2K-1 of its linear layer
+        with torch.no_grad():
+            model.head.linear.bias[config.mixtures:2 * config.mixtures] = SAMPLE_LOG_SIGMA
     check_flop_count(model)
     return model.eval()
 
@@ -323,17 +333,14 @@ def bench_depth(plan, head, codebook_size, device):
     return {D: summary(t) for D, t in times.items()}
 
 
-def bench_share(model, plan, device, batch=None, steps=None, generate_times=None):
+def bench_share(model, plan, device):
     """Row 2: share of generate() outside the transformer forward pass = 1 - (T backbone calls) / generate(),
     both timed interleaved on the same shapes. Then one instrumented run splits the sampler by component."""
-    batch, steps = batch or plan.batch, steps or plan.steps
-    fns = {"backbone": backbone_fn(model, batch, steps, device)}
-    if generate_times is None:
-        fns["generate"] = sampling_fn(model, batch, steps, device)
-    times = interleaved(fns, plan.repeats, device)
-    gen = min(generate_times or times["generate"])
+    run = sampling_fn(model, plan.batch, plan.steps, device)
+    times = interleaved({"generate": run, "backbone": backbone_fn(model, plan.batch, plan.steps, device)},
+                        plan.repeats, device)
+    gen = min(times["generate"])
     share = 1.0 - min(times["backbone"]) / gen
-    run = sampling_fn(model, batch, steps, device)
     with component_timers(model, device) as parts:
         total = timed(run, device)
     parts = dict(parts)
@@ -369,7 +376,7 @@ def bench_train(model, plan, device, compiled=None):
 
 def bench_sampling(model, plan, device, compiled=None):
     """Row 4 (and 6): images/s of generate() (codes only), MFU of its T forward passes; with `compiled`, eager and
-    compiled interleaved. Returns the eager generate() times too, for the share row on the same run."""
+    compiled interleaved."""
     run = sampling_fn(model, plan.batch, plan.steps, device)
     fns = {"eager": with_backbone(model, None, run)}
     if compiled is not None:
@@ -379,7 +386,7 @@ def bench_sampling(model, plan, device, compiled=None):
     flops = plan.steps * forward_flops(model.config, 2 * plan.batch)
     out = {name: {"images_per_s": plan.batch / min(t), "mfu": mfu(flops, min(t), device), **summary(t)}
            for name, t in times.items()}
-    return out, times["eager"]
+    return out
 
 
 def bench_decode(codes, device, repeats):
@@ -499,7 +506,8 @@ def machine():
         with open("/proc/cpuinfo") as f:
             cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "resgen_py": file_hash(resgen.__file__)}  # the numbers belong to this version of the model code
 
 
 def describe(size, codes, batch, steps):
@@ -558,9 +566,9 @@ def row_train(report, plan, device, codes, compile_):
 
 
 def row_sampling_cuda(report, plan, device, compile_):
-    """Rows 4 and 2 on the same xl model: the share reuses the eager generate() times of the throughput row."""
+    """Rows 4 and 2 on the same xl model."""
     model = build(plan.size, IMAGENET_CODES, device)
-    res, gen_times = bench_sampling(model, plan, device, torch.compile(model.backbone) if compile_ else None)
+    res = bench_sampling(model, plan, device, torch.compile(model.backbone) if compile_ else None)
     codes = sampling_fn(model, plan.batch, plan.steps, device)()
     dec = bench_decode(codes, device, plan.repeats)
     del codes
@@ -576,7 +584,7 @@ def row_sampling_cuda(report, plan, device, compile_):
     if "compiled" in res:
         report.row(6, "torch.compile speed-up, sampling", setting,
                    f"{res['compiled']['images_per_s'] / res['eager']['images_per_s']:.2f}x")
-    share = bench_share(model, plan, device, generate_times=gen_times)
+    share = bench_share(model, plan, device)
     report.record("share", device="cuda", size=plan.size, batch=plan.batch, steps=plan.steps, **IMAGENET_CODES, **share)
     report.row(2, "outside-transformer share, xl", setting,
                f"{share['share_outside']:.1%}; split (synchronised per call): {split_text(share['split_frac'])}", "",

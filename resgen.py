@@ -162,7 +162,7 @@ class ResGenConfig:
 # (PAPER.md §4 and §6: the paper's ImageNet models have 574M).
 SIZES = {
     "tiny":  dict(width=64, layers=2, heads=4),      # tests: seconds on a CPU
-    "small": dict(width=256, layers=8, heads=4),     # Fashion-MNIST demo on a CPU
+    "small": dict(width=192, layers=6, heads=3),     # Fashion-MNIST demo on a CPU (4M parameters)
     "base":  dict(width=768, layers=12, heads=12),   # DiT-B
     "large": dict(width=1024, layers=24, heads=16),  # DiT-L
     "xl":    dict(width=1152, layers=24, heads=16),  # DiT-XL, the paper's 574M
