@@ -670,23 +670,37 @@ def _params(path, key):
     return T.load_checkpoint(str(path), "resgen")[key]
 
 
+def _logged_step(out):
+    """Last step in OUT/log.jsonl (0 if none); tolerant of a line being written right now."""
+    try:
+        with open(os.path.join(out, "log.jsonl")) as f:
+            return max([json.loads(l)["step"] for l in f if l.endswith("\n")] or [0])
+    except (OSError, ValueError):
+        return 0
+
+
 @needs_fmnist
 def test_resume_after_sigkill_matches_uninterrupted_run(code_cache, tmp_path):
-    """Kill a run with SIGKILL at several moments (some land inside checkpoint writes), rerun the same command
-    each time; the end state (weights, EMA, optimiser step, logged losses) equals an uninterrupted run's."""
+    """Kill a run with SIGKILL part-way, four times (a checkpoint every 2 steps, so kills also land inside
+    writes), rerunning the same command each time; the end state (weights, EMA, step, logged losses) equals
+    an uninterrupted run's."""
     import signal
     import time as _time
-    steps = 40
+    steps = 120
     ref = tmp_path / "ref"
     run_cmd(*train_args(code_cache, ref, steps, "--ckpt-every", "2"))
     out = tmp_path / "killed"
     cmd = [sys.executable, *train_args(code_cache, out, steps, "--ckpt-every", "2")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for delay in (2.0, 2.5, 3.0, 3.5):
+    killed_at = []
+    for target in (7, 40, 75, 101):
         proc = subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _time.sleep(delay)
+        while proc.poll() is None and _logged_step(out) < target:
+            _time.sleep(0.005)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        killed_at.append(T.load_checkpoint(str(out / "last.pt"), "resgen")["step"])
+    assert all(0 < k < steps for k in killed_at) and killed_at == sorted(killed_at), killed_at
     run_cmd(*cmd[1:])
     assert T.load_checkpoint(str(out / "last.pt"), "resgen")["step"] == steps
     for key in ("model", "ema"):
