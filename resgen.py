@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer import UserError, load_checkpoint, squared_distances, strip_prefixes
+from tokenizer import UserError, load_checkpoint, strip_prefixes
 
 
 #################################################################################
@@ -246,6 +246,9 @@ def top_p_filter(logits, top_p):
     return logits.masked_fill(drop, float("-inf"))
 
 
+EXP_FLOOR = -80.0  # exp(-80) = 1.8e-35: a term below it cannot change a sum >= 1 in fp32
+
+
 def requantize(z, start, codebooks, log_scale):
     """Re-quantization of a sampled cumulative embedding with per-token confidence (PAPER.md §5, DESIGN.md §4.4).
 
@@ -258,19 +261,28 @@ def requantize(z, start, codebooks, log_scale):
     -> tokens (B, L, D) int64, logp (B, L, D) float32 (0 where j < start_i; tokens there are meaningless).
     Everything in fp32: an argmin over bf16 distances picks wrong codes.
     """
-    inv_two_var = 0.5 * torch.exp(-2.0 * log_scale.float()).unsqueeze(-1)  # (B, L, 1)
-    r = z.float()
-    tokens, logps = [], []
-    for j in range(codebooks.shape[0]):
-        d2 = squared_distances(r, codebooks[j])  # (B, L, V)
-        d_min, tok = d2.min(-1, keepdim=True)  # (B, L, 1)
-        # log softmax at the argmin = -logsumexp_v((d_min - d_v)/(2σ²)); every term <= 0, so it is finite
-        logp = -((d_min - d2) * inv_two_var).logsumexp(-1)  # (B, L)
-        active = start <= j  # (B, L)
-        r = torch.where(active.unsqueeze(-1), r - codebooks[j][tok.squeeze(-1)], r)
-        tokens.append(tok.squeeze(-1))
-        logps.append(logp * active)
-    return torch.stack(tokens, -1), torch.stack(logps, -1)
+    B, L, c = z.shape
+    with torch.autocast(z.device.type, enabled=False):
+        neg_inv_two_var = -0.5 * torch.exp(-2.0 * log_scale.float()).reshape(B * L, 1)
+        codebooks = codebooks.float()
+        e2 = codebooks.pow(2).sum(-1)  # (D, V): ||e(v; j)||², once for all depths
+        r = z.float().reshape(B * L, c)
+        start = start.reshape(B * L)
+        tokens, logps = [], []
+        for j in range(codebooks.shape[0]):
+            # ||r - e_v||² less the per-row constant ||r||²: the same argmin and the same d_v - d_min, in one addmm
+            d = torch.addmm(e2[j], r, codebooks[j].t(), alpha=-2.0)  # (BL, V)
+            d_min, tok = d.min(-1, keepdim=True)  # (BL, 1)
+            # log softmax at the argmin = -log Σ_v exp(-(d_v - d_min)/(2σ²)). The sum is >= 1 (the argmin's own
+            # term), so it needs no max-shift; in place, so no further (BL, V) temporaries; the floor keeps
+            # exp off the CPU's slow path for results that underflow (most codes once σ is small).
+            logp = -d.sub_(d_min).mul_(neg_inv_two_var).clamp_(min=EXP_FLOOR).exp_().sum(-1).log_()  # (BL,)
+            active = start <= j  # (BL,)
+            tok = tok.squeeze(-1)
+            r = torch.where(active.unsqueeze(-1), r - codebooks[j][tok], r)
+            tokens.append(tok)
+            logps.append(logp * active)
+    return torch.stack(tokens, -1).view(B, L, -1), torch.stack(logps, -1).view(B, L, -1)
 
 
 #################################################################################

@@ -487,6 +487,33 @@ def test_mog_loss_finite_for_extreme_outputs(mag, seed):
 #                                     Sampler                                   #
 #################################################################################
 
+@FAST
+@given(seed=st.integers(0, 2**31 - 1), D=st.integers(1, 5), V=st.integers(2, 40), c=st.integers(1, 6),
+       log_sigma=st.floats(-6.0, 1.0))
+def test_requantize_matches_rvq_and_naive_log_softmax(seed, D, V, c, log_sigma):
+    """The sampler's re-quantization picks the tokenizer's greedy RVQ codes from each position's start depth,
+    and its confidence is log softmax_v(-||r - e_v||² / 2σ²) at the chosen code (0 above the start)."""
+    g = torch.Generator().manual_seed(seed)
+    cb = random_codebooks(D, V, c, seed)
+    rvq = tokenizer.RVQ(D, V, c)
+    rvq.weight.copy_(cb)
+    z = torch.randn(3, 5, c, generator=g)
+    start = torch.randint(0, D + 1, (3, 5), generator=g)
+    log_scale = torch.full((3, 5), log_sigma)
+    tokens, logp = resgen.requantize(z, start, cb, log_scale)
+    for b in range(3):
+        for i in range(5):
+            p = int(start[b, i])
+            assert torch.equal(tokens[b, i, p:], rvq.quantize(z[b, i], start_depth=p))
+            r = z[b, i].clone()
+            for j in range(p, D):
+                d2 = ((r - cb[j]) ** 2).sum(-1)
+                ref = torch.log_softmax(-d2 / (2 * math.exp(2 * log_sigma)), -1)[tokens[b, i, j]]
+                assert abs(float(logp[b, i, j]) - float(ref)) <= 1e-4 * max(1.0, abs(float(ref)))
+                r = r - cb[j][tokens[b, i, j]]
+            assert bool((logp[b, i, :p] == 0).all())
+
+
 def count_passes(model):
     """Forward hook on the head: one call per transformer pass; records the batch each pass saw."""
     seen = []

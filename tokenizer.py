@@ -676,7 +676,7 @@ def load_code_cache(path):
 #                                Commands                                       #
 #################################################################################
 
-def _setup_dist():
+def setup_dist():
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python` run is a world of one."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -725,7 +725,7 @@ def psnr_by_depth(tok, images, batch_size=256):
 
 
 def cmd_train(args):
-    rank, world = _setup_dist()
+    rank, world = setup_dist()
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1 (got {args.steps})")
     if args.batch_size < 1 or args.batch_size % world:
@@ -770,7 +770,7 @@ def cmd_train(args):
     n = len(ds)
     steps_per_epoch = max(1, n // args.batch_size)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    t0, last_log = time.time(), step
+    t0, last_log, start_step = time.time(), step, step
     tok.train()
     while step < args.steps:
         # the data order is a pure function of (seed, epoch): resuming at any step replays the same batches
@@ -809,7 +809,8 @@ def cmd_train(args):
                              "optimizer": opt.state_dict(), "step": step, "num_classes": num_classes,
                              "args": vars(args)}, ckpt_path)
     if rank == 0:
-        print(f"saved {ckpt_path} (latent scale s = {tok.latent_scale:.4f})", flush=True)
+        done = f"saved {ckpt_path}" if step > start_step else f"{ckpt_path} is already at --steps; nothing to train"
+        print(f"{done} (step {step}, latent scale s = {tok.latent_scale:.4f})", flush=True)
     if world > 1:
         dist.destroy_process_group()
 

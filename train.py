@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from resgen import HEADS, SIZES, ResGen, make_config, sample_mask
 from tokenizer import (UserError, check_writable_dir, default_device, file_hash, load_checkpoint, load_code_cache,
-                       load_tokenizer, parse_device, run_cli, save_checkpoint)
+                       load_tokenizer, parse_device, run_cli, save_checkpoint, setup_dist)
 
 
 #################################################################################
@@ -113,15 +113,6 @@ def step_noise(step, args, config, device):
                        schedule=config.schedule)
     drop = torch.rand(args.batch_size, generator=g, device=device) < config.label_dropout
     return mask, drop
-
-
-def setup_dist():
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def rng_state(device):
@@ -309,7 +300,8 @@ def main(argv=None):
                                  "data_position": step * args.batch_size, "rng": rngs, "meta": meta,
                                  "args": vars(args)}, ckpt_path)
     if rank == 0:
-        print(f"saved {ckpt_path} at step {step}", flush=True)
+        done = f"saved {ckpt_path}" if step > start_step else f"{ckpt_path} is already at --steps; nothing to train"
+        print(f"{done} (step {step})", flush=True)
     if world > 1:
         dist.destroy_process_group()
 
