@@ -33,7 +33,7 @@ demo: setup
 	$(PY) sample.py --ckpt $(RUNS)/resgen/last.pt --n 100 $(SAMPLER) --out samples.png --device cpu; \
 	test -f $(RUNS)/classifier.pt || \
 	  $(PY) eval_fid.py train-classifier --data fashion_mnist --epochs 1 --out $(RUNS)/classifier.pt --device cpu; \
-	$(PY) eval_fid.py --ckpt $(RUNS)/resgen/last.pt --n 500 $(SAMPLER) --no-fid --classifier $(RUNS)/classifier.pt \
+	$(PY) eval_fid.py --ckpt $(RUNS)/resgen/last.pt --n 300 $(SAMPLER) --no-fid --classifier $(RUNS)/classifier.pt \
 	  --device cpu; \
 	echo "demo finished in $$(( $$(date +%s) - start )) s: samples.png"
 

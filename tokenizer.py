@@ -904,7 +904,7 @@ def main(argv=None):
     t.add_argument("--codebook-size", type=int, default=None, help="V: codes per codebook (default: the config's)")
     t.add_argument("--code-dim", type=int, default=None, help="c: latent dimension (default: the config's)")
     t.add_argument("--shared-codebook", action="store_true", help="one codebook for all depths")
-    t.add_argument("--steps", type=int, default=800)
+    t.add_argument("--steps", type=int, default=600)
     t.add_argument("--batch-size", type=int, default=128, help="global batch (split over torchrun processes)")
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--warmup", type=int, default=50)
