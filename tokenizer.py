@@ -55,6 +55,15 @@ def run_cli(main):
         sys.exit(130)
 
 
+def publish(tmp, path):
+    """Rename a finished temporary file into place, with the permissions a plainly created file would get
+    (mkstemp makes files private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def save_checkpoint(obj, path):
     """Atomic write: a temporary file in the same folder, fsync, then rename, so a kill never leaves a broken file."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -64,7 +73,7 @@ def save_checkpoint(obj, path):
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -623,25 +632,23 @@ def save_grid(images, path, nrow):
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
     os.close(fd)
     Image.fromarray(grid[..., 0] if c == 1 else grid).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    publish(tmp, path)
 
 
 #################################################################################
 #                                 Code caches                                   #
 #################################################################################
 
-def write_code_cache(out, codes, labels, meta):
-    """Write codes.npy (uint16), labels.npy (int64) and meta.json into `out`, each by atomic rename."""
-    os.makedirs(out, exist_ok=True)
-    for name, arr in (("codes.npy", np.asarray(codes, dtype=np.uint16)), ("labels.npy", np.asarray(labels, dtype=np.int64))):
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=out)
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr)
-        os.replace(tmp, os.path.join(out, name))
+def write_code_cache(out, labels, meta):
+    """Write labels.npy (int64) and meta.json into `out`, each by atomic rename (codes.npy is streamed by encode)."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=out)
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, np.asarray(labels, dtype=np.int64))
+    publish(tmp, os.path.join(out, "labels.npy"))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=out)
     with os.fdopen(fd, "w") as f:
         json.dump(meta, f, indent=2)
-    os.replace(tmp, os.path.join(out, "meta.json"))
+    publish(tmp, os.path.join(out, "meta.json"))
 
 
 META_KEYS = ("depth", "codebook_size", "grid", "code_dim", "latent_scale", "num_classes", "tokenizer_hash")
@@ -843,7 +850,7 @@ def cmd_encode(args):
                 print(f"encoded {i}/{n} images ({i / (time.time() - t0):.0f} images/s)", file=sys.stderr, flush=True)
         codes.flush()
         del codes
-        os.replace(tmp, os.path.join(args.out, "codes.npy"))
+        publish(tmp, os.path.join(args.out, "codes.npy"))
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -852,15 +859,7 @@ def cmd_encode(args):
             "code_dim": tok.cfg.code_dim, "latent_scale": tok.latent_scale, "num_classes": num_classes,
             "image_size": tok.cfg.image_size, "channels": tok.cfg.channels, "split": args.split,
             "data": args.data, "tokenizer": os.path.abspath(args.ckpt), "tokenizer_hash": file_hash(args.ckpt)}
-    labels = np.asarray(ds.labels, dtype=np.int64)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=args.out)
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, labels)
-    os.replace(tmp, os.path.join(args.out, "labels.npy"))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=args.out)
-    with os.fdopen(fd, "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(tmp, os.path.join(args.out, "meta.json"))
+    write_code_cache(args.out, ds.labels, meta)
     print(f"wrote {n} code grids {g}x{g}x{tok.cfg.depth} to {args.out} in {time.time() - t0:.1f} s", flush=True)
 
 
