@@ -2,7 +2,7 @@
 Train ResGen on a cache of RVQ codes (DESIGN.md §4.2, §4.3, §6, §7).
 
     # 1 CPU (the Fashion-MNIST demo model)
-    python train.py --data runs/fashion_mnist_codes --model small --out runs/resgen --steps 1200 --batch-size 64 --device cpu
+    python train.py --data runs/fashion_mnist_codes --model small --out runs/resgen --steps 1200 --batch-size 32 --lr 1e-3 --warmup 100 --device cpu
     # 1 GPU (bf16 autocast, TF32)
     python train.py --data imagenet_latents --model xl --out runs/resgen_xl --batch-size 256 --compile
     # 8 GPUs on one node (DDP over NCCL); --batch-size is the global batch
