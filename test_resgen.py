@@ -772,7 +772,8 @@ def test_ddp_two_processes_match_single_process(code_cache, tmp_path):
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
     # Same examples, masks and label drops on both sides; the loss is a mean over masked positions, and DDP
     # averages the two ranks' means where one process takes one mean over all positions. The two differ by
-    # the imbalance of masked positions between the halves: well under 2% here (measured: 0.35% at step 1).
+    # the imbalance of masked positions between the halves, and the weights then drift apart a little (measured
+    # on the demo codes with this setting: 0.016% at step 1, 1.6% at step 4). The tolerance is 2%.
     for ra, rb in zip(a, b):
         assert abs(ra["loss"] - rb["loss"]) < 0.02 * abs(ra["loss"]), (ra, rb)
 
@@ -939,8 +940,7 @@ def test_missing_inception_is_user_error(tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, os.path.join(HERE, "eval_fid.py"), *args],
-                          capture_output=True, text=True, cwd=HERE, timeout=120)
+    return run_cmd("eval_fid.py", *args, check=False, timeout=120)
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -964,8 +964,6 @@ def test_cli_bad_input_one_line(args, needle):
 @pytest.mark.skipif(not FMNIST, reason="Fashion-MNIST not installed")
 def test_cli_npz_end_to_end(tmp_path):
     """An .npz of 2 real test images through the whole command: table, one JSON line, --json-out, stats cache."""
-    import json
-    import tokenizer
     try:
         eval_fid.inception_path()
     except UserError:

@@ -62,9 +62,11 @@ def batch_indices(step, n, global_batch, seed):
 
 
 def load_batch(codes, labels, idx, device):
-    order = np.argsort(idx)  # sorted reads are kinder to a memory-mapped file
-    x = torch.from_numpy(np.asarray(codes[idx[order]]).astype(np.int64))
-    y = torch.from_numpy(np.asarray(labels[idx[order]]).astype(np.int64))
+    """Rows `idx` of the cache, in the order of idx (each row keeps the mask and label drop drawn for its slot)."""
+    order = np.argsort(idx)  # read in sorted order, which is kinder to a memory-mapped file ...
+    back = np.argsort(order)  # ... then put the rows back in the order asked for
+    x = torch.from_numpy(np.asarray(codes[idx[order]])[back].astype(np.int64))
+    y = torch.from_numpy(np.asarray(labels[idx[order]])[back].astype(np.int64))
     x = x.reshape(len(idx), -1, x.shape[-1])  # (B, L, D) from (B, L, D) or (B, h, w, D)
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
@@ -207,7 +209,7 @@ def main(argv=None):
         for stale in glob.glob(os.path.join(args.out, ".tmp-*")):  # left by a kill during a write
             os.unlink(stale)
 
-    torch.manual_seed(args.seed + rank)  # per-rank seeds: different masks and label drops on each rank
+    torch.manual_seed(args.seed + rank)  # per-rank seeds for anything else random (dropout); masks: step_noise
     model = ResGen(config, codebooks).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     decay_params = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
