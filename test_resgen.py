@@ -739,6 +739,20 @@ def test_resume_after_sigkill_matches_uninterrupted_run(code_cache, tmp_path):
 
 
 @needs_fmnist
+def test_time_limit_stops_with_a_checkpoint_and_resumes(code_cache, tmp_path):
+    """--time-limit ends a run early with a checkpoint and a log line at the step it stopped; the same
+    command without the limit then resumes from that step and finishes."""
+    out = tmp_path / "rg"
+    p = run_cmd(*train_args(code_cache, out, 100_000, "--ckpt-every", "100000", "--time-limit", "1"))
+    stopped = T.load_checkpoint(str(out / "last.pt"), "resgen")["step"]
+    assert 0 < stopped < 100_000 and stopped % 10 == 0
+    assert f"reached at step {stopped}" in p.stdout and read_log(out)[-1]["step"] == stopped
+    run_cmd(*train_args(code_cache, out, stopped + 3))
+    assert T.load_checkpoint(str(out / "last.pt"), "resgen")["step"] == stopped + 3
+    assert [r["step"] for r in read_log(out)][-4:] == [stopped, stopped + 1, stopped + 2, stopped + 3]
+
+
+@needs_fmnist
 def test_failed_checkpoint_write_keeps_previous(code_cache, tmp_path, monkeypatch):
     """A write that dies half-way (disk full) leaves the previous last.pt loadable and no temp file behind."""
     import train
@@ -821,6 +835,7 @@ def test_bad_inputs_give_one_clear_line(code_cache, tiny_tokenizer, tmp_path):
         ("train.py", "--data", str(code_cache), "--out", str(tmp_path / "o3"), "--model", "huge", "--device", "cpu"),
         train_args(code_cache, tmp_path / "o4", 0),
         ("train.py", "--data", str(code_cache), "--out", str(tmp_path / "o5"), "--head", "nope", "--device", "cpu"),
+        train_args(code_cache, tmp_path / "o6", 5, "--time-limit", "0"),
     ]
     for args in cases:
         assert_clean_error(run_cmd(*args, check=False, timeout=120))
@@ -986,6 +1001,79 @@ def test_cli_npz_end_to_end(tmp_path):
 #################################################################################
 #                      bench.py: every row runs (no timing asserted)             #
 #################################################################################
+
+#################################################################################
+#                 CUDA (run where a GPU is present; CI has none)                #
+#################################################################################
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("head", ["mog", "tokens"])
+def test_cuda_training_step_matches_cpu(head):
+    """One training loss on CUDA under bf16 autocast (as train.py runs it) agrees with the fp32 CPU loss on the
+    same codes, mask and labels, and its backward pass gives finite gradients."""
+    m = tiny_model(head=head)
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 16, (6, 8, 3), generator=g)
+    labels = torch.randint(0, 5, (6,), generator=g)
+    mask = resgen.sample_mask(6, 8, 3, generator=g)
+    drop = torch.zeros(6, dtype=torch.bool)
+    cpu_loss, _ = m(codes, labels, mask=mask, drop=drop)
+    mc = m.cuda().train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        cuda_loss, _ = mc(codes.cuda(), labels.cuda(), mask=mask.cuda(), drop=drop.cuda())
+    cuda_loss.backward()
+    assert abs(cuda_loss.item() - cpu_loss.item()) <= 0.05 * abs(cpu_loss.item()) + 0.05
+    assert all(torch.isfinite(p.grad).all() for p in mc.parameters() if p.grad is not None)
+
+
+@needs_cuda
+def test_cuda_requantize_matches_cpu():
+    """Re-quantization on the GPU picks the same codes as on the CPU (it runs in fp32 even under autocast)."""
+    g = torch.Generator().manual_seed(2)
+    cb = random_codebooks(4, 64, 8, seed=3)
+    z = torch.randn(5, 16, 8, generator=g)
+    start = torch.randint(0, 4, (5, 16), generator=g)
+    log_scale = torch.randn(5, 16, generator=g) * 0.5 - 1
+    tok_cpu, logp_cpu = resgen.requantize(z, start, cb, log_scale)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's default; sample.py and eval_fid.py leave it off
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            tok_gpu, logp_gpu = resgen.requantize(z.cuda(), start.cuda(), cb.cuda(), log_scale.cuda())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    active = torch.arange(4) >= start.unsqueeze(-1)
+    assert torch.equal(tok_gpu.cpu()[active], tok_cpu[active])
+    assert torch.allclose(logp_gpu.cpu(), logp_cpu, atol=1e-4, rtol=1e-4)
+
+
+@needs_cuda
+@pytest.mark.parametrize("head", ["mog", "tokens"])
+def test_cuda_sampler_never_syncs_and_is_reproducible(head):
+    """The sampler on CUDA (bf16 backbone, CFG): after its first step no operation waits on the GPU
+    (torch's sync debug mode turns any host-device synchronisation into an error), every token ends
+    revealed and in range, and the same seed gives the same codes."""
+    m = tiny_model(head=head).cuda()
+    labels = torch.arange(5, device="cuda").repeat(2)
+
+    def strict_after_first_step(step, codes, masked):
+        if step == 1:
+            torch.cuda.set_sync_debug_mode("error")
+
+    try:
+        codes = m.generate(labels, steps=6, cfg=2.0, top_p=0.9, temperature=0.8,
+                           generator=torch.Generator("cuda").manual_seed(0), callback=strict_after_first_step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    again = m.generate(labels, steps=6, cfg=2.0, top_p=0.9, temperature=0.8,
+                       generator=torch.Generator("cuda").manual_seed(0))
+    assert codes.device.type == "cuda" and codes.shape == (10, 8, 3)
+    assert int(codes.min()) >= 0 and int(codes.max()) < 16
+    assert torch.equal(codes, again)
+
 
 def test_bench_quick_runs_every_row(tmp_path):
     """`bench.py --quick` runs every measurement at small sizes; on a machine without CUDA the GPU rows say

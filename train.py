@@ -13,7 +13,8 @@ Train ResGen on a cache of RVQ codes (DESIGN.md §4.2, §4.3, §6, §7).
 
 `--data` is a code cache made by `python tokenizer.py encode` (codes.npy, labels.npy, meta.json).
 Rerunning the same command resumes from OUT/last.pt: model, EMA, optimiser, step, data position and RNG
-states, so an interrupted run ends where an uninterrupted one would.
+states, so an interrupted run ends where an uninterrupted one would. `--time-limit SECONDS` ends a run early
+with a checkpoint (a job's wall-clock limit); the same command without it, or with a new limit, continues.
 """
 import argparse
 import copy
@@ -151,6 +152,8 @@ def validate(args, world):
         raise UserError(f"--ema-decay must be in [0, 1) (got {args.ema_decay})")
     if not 0 <= args.label_dropout < 1:
         raise UserError(f"--label-dropout must be in [0, 1) (got {args.label_dropout})")
+    if args.time_limit is not None and not args.time_limit > 0:
+        raise UserError(f"--time-limit must be > 0 seconds (got {args.time_limit})")
     if args.batch_size % (world * args.grad_accum):
         raise UserError(f"--batch-size {args.batch_size} must divide by processes x --grad-accum "
                         f"({world} x {args.grad_accum})")
@@ -178,6 +181,8 @@ def main(argv=None):
     p.add_argument("--device", default=default_device())
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="stop after this many seconds of training, with a checkpoint (run again to resume)")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--ckpt-every", type=int, default=5000)
     p.add_argument("--sample-every", type=int, default=0, help="write a small sample grid every N steps (0: off)")
@@ -271,8 +276,10 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         step += 1
         update_ema(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))
+        out_of_time = args.time_limit is not None and step % 10 == 0 and time_is_up(start_time, args.time_limit, world, device)
+        last = step == args.steps or out_of_time
 
-        if step % args.log_every == 0 or step == args.steps:
+        if step % args.log_every == 0 or last:
             if world > 1:
                 dist.all_reduce(loss_sum)
                 loss_sum /= world
@@ -291,7 +298,7 @@ def main(argv=None):
                     f.write(json.dumps(rec) + "\n")
         if rank == 0 and args.sample_every and step % args.sample_every == 0:
             write_sample_grid(ema, meta, args, step, device)
-        if step % args.ckpt_every == 0 or step == args.steps:
+        if step % args.ckpt_every == 0 or last:
             rngs = [rng_state(device)]
             if world > 1:  # every rank's RNG state, so masks and label drops resume exactly
                 rngs = [None] * world
@@ -301,11 +308,26 @@ def main(argv=None):
                                  "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step,
                                  "data_position": step * args.batch_size, "rng": rngs, "meta": meta,
                                  "args": vars(args)}, ckpt_path)
+        if out_of_time:
+            if rank == 0:
+                print(f"--time-limit {args.time_limit:g} s reached at step {step}", flush=True)
+            break
     if rank == 0:
         done = f"saved {ckpt_path}" if step > start_step else f"{ckpt_path} is already at --steps; nothing to train"
         print(f"{done} (step {step})", flush=True)
     if world > 1:
         dist.destroy_process_group()
+
+
+def time_is_up(start_time, limit, world, device):
+    """Whether `limit` seconds of training have passed; under DDP rank 0's clock decides for every rank, so
+    all ranks stop at the same step (and save one checkpoint together)."""
+    up = time.time() - start_time >= limit
+    if world == 1:
+        return up
+    flag = torch.tensor(float(up), device=device)
+    dist.broadcast(flag, 0)
+    return bool(flag.item())
 
 
 def write_sample_grid(ema, meta, args, step, device):
