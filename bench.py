@@ -113,13 +113,14 @@ def matmul_params(config):
     """Weights of the matmuls, from the config: (applied per position, applied once per sequence).
 
     Per position: input projection c·C, per block qkv 3C² + attention output C² + MLP 2·mlp_ratio·C², and the
-    head (K(2+c)·C for MoG, D·V·C for tokens). Per sequence: the adaLN modulation (6C² per block and 2C² at the
+    head (K(1+S+c)·C for MoG, S = 1 or c log-scales, D·V·C for tokens). Per sequence: the adaLN modulation (6C² per block and 2C² at the
     output) reads only the class embedding. Embedding tables are lookups, biases are adds: neither counted.
     """
     C, c, layers = config.width, config.code_dim, config.layers
     hidden = int(C * config.mlp_ratio)
     block = 3 * C * C + C * C + 2 * C * hidden
-    head = C * config.mixtures * (2 + c) if config.head == "mog" else C * config.depth * config.codebook_size
+    scales = c if config.scales == "diagonal" else 1
+    head = C * config.mixtures * (1 + scales + c) if config.head == "mog" else C * config.depth * config.codebook_size
     return c * C + layers * block + head, layers * 6 * C * C + 2 * C * C
 
 
@@ -203,9 +204,9 @@ def build(size, codes, device, head="mog", seed=0):
         rms = 1.0 / (1.0 + CODEBOOK_RMS_DECAY * torch.arange(config.depth))  # (D,)
         codebooks = rms[:, None, None] * torch.randn(config.depth, config.codebook_size, config.code_dim)
         model = ResGen(config, codebooks)
-    if head == "mog":  # MoGHead.split reads the log-scales from outputs K..2K-1 of its linear layer
+    if head == "mog":  # MoGHead.split reads the log-scales from outputs K..K(1+S)-1 of its linear layer
         with torch.no_grad():
-            model.head.linear.bias[config.mixtures:2 * config.mixtures] = SAMPLE_LOG_SIGMA
+            model.head.linear.bias[config.mixtures:config.mixtures * (1 + model.head.S)] = SAMPLE_LOG_SIGMA
     check_flop_count(model)
     return model.eval()
 

@@ -136,6 +136,7 @@ class ResGenConfig:
     layers: int                  # DiT blocks
     heads: int                   # attention heads
     mixtures: int = 16           # K: mixture components of the MoG head
+    scales: str = "isotropic"    # MoG component covariance: "isotropic" (σ_k² I) or "diagonal" (one σ per dimension)
     head: str = "mog"            # "mog" (the paper) or "tokens" (predict tokens directly, the ablation)
     mlp_ratio: float = 4.0       # MLP hidden width = mlp_ratio·C, as in DiT
     dropout: float = 0.0         # dropout in attention and MLP (DiT uses none)
@@ -154,6 +155,8 @@ class ResGenConfig:
             raise UserError(f"ResGenConfig.width {self.width} is not divisible by heads {self.heads}")
         if self.head not in HEADS:
             raise UserError(f"unknown head {self.head!r}; choose from {', '.join(HEADS)}")
+        if self.scales not in ("isotropic", "diagonal"):
+            raise UserError(f"unknown MoG scales {self.scales!r}; choose from isotropic, diagonal")
         if self.schedule not in SCHEDULES:
             raise UserError(f"unknown masking schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
 
@@ -254,16 +257,20 @@ def requantize(z, start, codebooks, log_scale):
 
     Greedy RVQ of z from depth start_i to D-1 with the (scaled) codebooks: x_ij = argmin_v ||r_{j-1} - e(v;j)||²,
     r_j = r_{j-1} - e(x_ij; j). The log-probability of the chosen code is log softmax_v(-||r_{j-1} - e(v;j)||²/(2σ²))
-    with σ the sampled component's scale: how clearly z picks that code at that scale.
+    with σ the sampled component's scale: how clearly z picks that code at that scale. With a diagonal σ
+    (log_scale (B, L, c)) the log-probability uses the scaled distance Σ_d (r_d - e_d)²/σ_d², while the code is
+    still the Euclidean argmin (the tokenizer's quantizer).
     The start depth differs per position, so we loop over all D depths and only subtract where j >= start_i.
 
-    z (B, L, c), start (B, L) int64, codebooks (D, V, c), log_scale (B, L)
+    z (B, L, c), start (B, L) int64, codebooks (D, V, c), log_scale (B, L) or (B, L, c)
     -> tokens (B, L, D) int64, logp (B, L, D) float32 (0 where j < start_i; tokens there are meaningless).
     Everything in fp32: an argmin over bf16 distances picks wrong codes.
     """
     B, L, c = z.shape
     with torch.autocast(z.device.type, enabled=False):
-        neg_inv_two_var = -0.5 * torch.exp(-2.0 * log_scale.float()).reshape(B * L, 1)
+        diagonal = log_scale.dim() == 3
+        inv_var = torch.exp(-2.0 * log_scale.float()).reshape(B * L, -1)  # (BL, 1) or (BL, c)
+        neg_inv_two_var = -0.5 * inv_var
         codebooks = codebooks.float()
         e2 = codebooks.pow(2).sum(-1)  # (D, V): ||e(v; j)||², once for all depths
         r = z.float().reshape(B * L, c)
@@ -273,10 +280,15 @@ def requantize(z, start, codebooks, log_scale):
             # ||r - e_v||² less the per-row constant ||r||²: the same argmin and the same d_v - d_min, in one addmm
             d = torch.addmm(e2[j], r, codebooks[j].t(), alpha=-2.0)  # (BL, V)
             d_min, tok = d.min(-1, keepdim=True)  # (BL, 1)
+            if diagonal:  # -Σ_d (r_d - e_vd)²/(2σ_d²) up to a per-row constant, then log softmax at the argmin
+                scaled = torch.addmm(inv_var @ codebooks[j].pow(2).t(), inv_var * r, codebooks[j].t(), alpha=-2.0)
+                scaled = scaled.mul_(-0.5)  # (BL, V)
+                logp = scaled.gather(1, tok).squeeze(-1) - scaled.logsumexp(-1)
             # log softmax at the argmin = -log Σ_v exp(-(d_v - d_min)/(2σ²)). The sum is >= 1 (the argmin's own
             # term), so it needs no max-shift; in place, so no further (BL, V) temporaries; the floor keeps
             # exp off the CPU's slow path for results that underflow (most codes once σ is small).
-            logp = -d.sub_(d_min).mul_(neg_inv_two_var).clamp_(min=EXP_FLOOR).exp_().sum(-1).log_()  # (BL,)
+            else:
+                logp = -d.sub_(d_min).mul_(neg_inv_two_var).clamp_(min=EXP_FLOOR).exp_().sum(-1).log_()  # (BL,)
             active = start <= j  # (BL,)
             tok = tok.squeeze(-1)
             r = torch.where(active.unsqueeze(-1), r - codebooks[j][tok], r)
@@ -290,10 +302,13 @@ def requantize(z, start, codebooks, log_scale):
 #################################################################################
 
 def _component_log_density(means, log_scales, z):
-    """log N(z; μ_k, σ_k² I) for every component.  means (..., K, c), log_scales (..., K), z (..., c) -> (..., K)."""
+    """log N(z; μ_k, Σ_k) for every component, Σ_k = σ_k² I (log_scales (..., K)) or diag(σ_k1², ..., σ_kc²)
+    (log_scales (..., K, c)).  means (..., K, c), z (..., c) -> (..., K)."""
     c = z.shape[-1]
-    sq = (z.unsqueeze(-2) - means).pow(2).sum(-1)  # (..., K)
-    return -0.5 * sq * torch.exp(-2.0 * log_scales) - c * log_scales - 0.5 * c * math.log(2 * math.pi)
+    diff2 = (z.unsqueeze(-2) - means).pow(2)  # (..., K, c)
+    if log_scales.dim() == means.dim():  # diagonal
+        return (-0.5 * diff2 * torch.exp(-2.0 * log_scales) - log_scales).sum(-1) - 0.5 * c * math.log(2 * math.pi)
+    return -0.5 * diff2.sum(-1) * torch.exp(-2.0 * log_scales) - c * log_scales - 0.5 * c * math.log(2 * math.pi)
 
 
 def mog_log_prob(logits, means, log_scales, z):
@@ -325,23 +340,28 @@ def mog_em_bound(logits, means, log_scales, z, resp):
 class MoGHead(nn.Module):
     """Mixture-of-Gaussians head over the cumulative embedding of the masked tokens (PAPER.md §4, DESIGN.md §4.3).
 
-    From h_i, all linear: K mixture logits, K log-scales (isotropic per component) and K means (c each).
+    From h_i, all linear: K mixture logits, K log-scales (one per component, or one per component and
+    dimension with scales="diagonal") and K means (c each).
     """
 
     def __init__(self, config):
         super().__init__()
         self.K, self.c = config.mixtures, config.code_dim
+        self.S = self.c if config.scales == "diagonal" else 1  # log-scales per component
         self.log_scale_range = (config.log_scale_min, config.log_scale_max)
-        self.linear = nn.Linear(config.width, self.K * (2 + self.c))
+        self.linear = nn.Linear(config.width, self.K * (1 + self.S + self.c))
 
-    def forward(self, h):  # (B, L, C) -> (B, L, K·(2+c)): the linear outputs CFG acts on
+    def forward(self, h):  # (B, L, C) -> (B, L, K·(1+S+c)): the linear outputs CFG acts on
         return self.linear(h)
 
     def split(self, out):
-        """out (B, L, K(2+c)) -> logits (B, L, K), means (B, L, K, c), log_scales (B, L, K), all fp32."""
+        """out (B, L, K(1+S+c)) -> logits (B, L, K), means (B, L, K, c), log_scales (B, L, K) (isotropic) or
+        (B, L, K, c) (diagonal), all fp32."""
         out = out.float()
-        K = self.K
-        logits, log_scales, means = out[..., :K], out[..., K:2 * K], out[..., 2 * K:]
+        K, S = self.K, self.S
+        logits, log_scales, means = out[..., :K], out[..., K:K * (1 + S)], out[..., K * (1 + S):]
+        if S > 1:
+            log_scales = log_scales.unflatten(-1, (K, S))
         return logits, means.unflatten(-1, (K, self.c)), log_scales.clamp(*self.log_scale_range)
 
     def loss(self, out, codes, mask, target):
@@ -356,7 +376,8 @@ class MoGHead(nn.Module):
             usage = resp.sum((0, 1)) / count  # (K,) how much each component is used
             stats = {
                 "mix_perplexity": torch.exp(-torch.xlogy(usage, usage).sum()),  # components in use, 1..K
-                "log_scale": (resp * log_scales).sum() / count,  # posterior-weighted mean log σ
+                # posterior-weighted mean log σ (over dimensions too, when diagonal)
+                "log_scale": (resp * log_scales.reshape(*resp.shape, -1).mean(-1)).sum() / count,
             }
         return loss, stats
 
@@ -367,9 +388,14 @@ class MoGHead(nn.Module):
         B, L, K = logits.shape
         k = (top_p_filter(logits, top_p) + gumbel((B, L, K), generator, logits.device)).argmax(-1)  # (B, L)
         mu = means.gather(2, k[:, :, None, None].expand(B, L, 1, self.c)).squeeze(2)  # (B, L, c)
-        log_s = log_scales.gather(2, k.unsqueeze(-1)).squeeze(-1)  # (B, L)
+        if self.S > 1:
+            log_s = log_scales.gather(2, k[:, :, None, None].expand(B, L, 1, self.c)).squeeze(2)  # (B, L, c)
+            sigma = log_s.exp()
+        else:
+            log_s = log_scales.gather(2, k.unsqueeze(-1)).squeeze(-1)  # (B, L)
+            sigma = log_s.exp().unsqueeze(-1)
         eps = torch.randn(B, L, self.c, generator=generator, device=logits.device)
-        z = mu + temperature * log_s.exp().unsqueeze(-1) * eps
+        z = mu + temperature * sigma * eps
         return requantize(z, prefix, codebooks, log_s)
 
 

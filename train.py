@@ -135,7 +135,7 @@ def build_config(args, meta):
     length = int(np.prod(meta["grid"]))
     return make_config(args.model, length=length, depth=meta["depth"], codebook_size=meta["codebook_size"],
                        code_dim=meta["code_dim"], num_classes=meta["num_classes"], head=args.head,
-                       mixtures=args.mixtures, label_dropout=args.label_dropout)
+                       mixtures=args.mixtures, scales=args.scales, label_dropout=args.label_dropout)
 
 
 def validate(args, world):
@@ -167,6 +167,8 @@ def main(argv=None):
     p.add_argument("--model", default="xl", help=f"size: {', '.join(SIZES)} (xl = the paper's 574M)")
     p.add_argument("--head", default="mog", help="mog: cumulative embedding (the paper); tokens: the ablation")
     p.add_argument("--mixtures", type=int, default=16, help="K, mixture components of the MoG head")
+    p.add_argument("--scales", default="isotropic", choices=["isotropic", "diagonal"],
+                   help="MoG component covariance: sigma_k^2 I, or one sigma per latent dimension")
     p.add_argument("--steps", type=int, default=400_000, help="optimiser steps")
     p.add_argument("--batch-size", type=int, default=256, help="global batch (all processes, all micro-batches)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (for large global batches)")
