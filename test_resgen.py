@@ -1065,6 +1065,7 @@ def test_cli_npz_end_to_end(tmp_path):
 #################################################################################
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+GPU = torch.device("cuda")
 
 
 @needs_cuda
@@ -1079,9 +1080,9 @@ def test_cuda_training_step_matches_cpu(head):
     mask = resgen.sample_mask(6, 8, 3, generator=g)
     drop = torch.zeros(6, dtype=torch.bool)
     cpu_loss, _ = m(codes, labels, mask=mask, drop=drop)
-    mc = m.cuda().train()
+    mc = m.to(GPU).train()
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        cuda_loss, _ = mc(codes.cuda(), labels.cuda(), mask=mask.cuda(), drop=drop.cuda())
+        cuda_loss, _ = mc(codes.to(GPU), labels.to(GPU), mask=mask.to(GPU), drop=drop.to(GPU))
     cuda_loss.backward()
     assert abs(cuda_loss.item() - cpu_loss.item()) <= 0.05 * abs(cpu_loss.item()) + 0.05
     assert all(torch.isfinite(p.grad).all() for p in mc.parameters() if p.grad is not None)
@@ -1100,7 +1101,7 @@ def test_cuda_requantize_matches_cpu():
     torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's default; sample.py and eval_fid.py leave it off
     try:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            tok_gpu, logp_gpu = resgen.requantize(z.cuda(), start.cuda(), cb.cuda(), log_scale.cuda())
+            tok_gpu, logp_gpu = resgen.requantize(z.to(GPU), start.to(GPU), cb.to(GPU), log_scale.to(GPU))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     active = torch.arange(4) >= start.unsqueeze(-1)
@@ -1114,7 +1115,7 @@ def test_cuda_sampler_never_syncs_and_is_reproducible(head):
     """The sampler on CUDA (bf16 backbone, CFG): after its first step no operation waits on the GPU
     (torch's sync debug mode turns any host-device synchronisation into an error), every token ends
     revealed and in range, and the same seed gives the same codes."""
-    m = tiny_model(head=head).cuda()
+    m = tiny_model(head=head).to(GPU)
     labels = torch.arange(5, device="cuda").repeat(2)
 
     def strict_after_first_step(step, codes, masked):
