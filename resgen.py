@@ -270,7 +270,6 @@ def requantize(z, start, codebooks, log_scale):
     with torch.autocast(z.device.type, enabled=False):
         diagonal = log_scale.dim() == 3
         inv_var = torch.exp(-2.0 * log_scale.float()).reshape(B * L, -1)  # (BL, 1) or (BL, c)
-        neg_inv_two_var = -0.5 * inv_var
         codebooks = codebooks.float()
         e2 = codebooks.pow(2).sum(-1)  # (D, V): ||e(v; j)||², once for all depths
         r = z.float().reshape(B * L, c)
@@ -284,11 +283,11 @@ def requantize(z, start, codebooks, log_scale):
                 scaled = torch.addmm(inv_var @ codebooks[j].pow(2).t(), inv_var * r, codebooks[j].t(), alpha=-2.0)
                 scaled = scaled.mul_(-0.5)  # (BL, V)
                 logp = scaled.gather(1, tok).squeeze(-1) - scaled.logsumexp(-1)
-            # log softmax at the argmin = -log Σ_v exp(-(d_v - d_min)/(2σ²)). The sum is >= 1 (the argmin's own
-            # term), so it needs no max-shift; in place, so no further (BL, V) temporaries; the floor keeps
-            # exp off the CPU's slow path for results that underflow (most codes once σ is small).
             else:
-                logp = -d.sub_(d_min).mul_(neg_inv_two_var).clamp_(min=EXP_FLOOR).exp_().sum(-1).log_()  # (BL,)
+                # log softmax at the argmin = -log Σ_v exp(-(d_v - d_min)/(2σ²)). The sum is >= 1 (the argmin's
+                # own term), so it needs no max-shift; in place, so no further (BL, V) temporaries; the floor
+                # keeps exp off the CPU's slow path for results that underflow (most codes once σ is small).
+                logp = -d.sub_(d_min).mul_(-0.5 * inv_var).clamp_(min=EXP_FLOOR).exp_().sum(-1).log_()  # (BL,)
             active = start <= j  # (BL,)
             tok = tok.squeeze(-1)
             r = torch.where(active.unsqueeze(-1), r - codebooks[j][tok], r)

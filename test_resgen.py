@@ -811,6 +811,23 @@ def test_time_limit_stops_with_a_checkpoint_and_resumes(code_cache, tmp_path):
 
 
 @needs_fmnist
+def test_resume_fills_config_fields_added_since_the_checkpoint(code_cache, tmp_path):
+    """A checkpoint written before a ResGenConfig field existed (here `scales`) resumes with that field's
+    default; a field this resgen.py does not know still refuses to resume."""
+    out = tmp_path / "rg"
+    run_cmd(*train_args(code_cache, out, 2))
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    del ckpt["config"]["scales"]
+    torch.save(ckpt, out / "last.pt")
+    run_cmd(*train_args(code_cache, out, 4))
+    assert T.load_checkpoint(str(out / "last.pt"), "resgen")["step"] == 4
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    ckpt["config"]["from_the_future"] = 1
+    torch.save(ckpt, out / "last.pt")
+    assert_clean_error(run_cmd(*train_args(code_cache, out, 6), check=False))
+
+
+@needs_fmnist
 def test_failed_checkpoint_write_keeps_previous(code_cache, tmp_path, monkeypatch):
     """A write that dies half-way (disk full) leaves the previous last.pt loadable and no temp file behind."""
     import train
