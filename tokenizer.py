@@ -694,6 +694,14 @@ def setup_dist():
     return 0, 1
 
 
+def teardown_dist(world):
+    """End a torchrun process group. The barrier first: a rank that tears down while another is still writing
+    the checkpoint can abort inside gloo ("terminate called without an active exception")."""
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 @torch.no_grad()
 def measure_latent_scale(tok, images, batch_size=256):
     """s = 1 / std of the quantized latents over `images` (uint8 (N, H, W, C)): scaled latents have unit variance."""
@@ -818,8 +826,7 @@ def cmd_train(args):
     if rank == 0:
         done = f"saved {ckpt_path}" if step > start_step else f"{ckpt_path} is already at --steps; nothing to train"
         print(f"{done} (step {step}, latent scale s = {tok.latent_scale:.4f})", flush=True)
-    if world > 1:
-        dist.destroy_process_group()
+    teardown_dist(world)
 
 
 def cmd_encode(args):
