@@ -363,20 +363,26 @@ class MoGHead(nn.Module):
             log_scales = log_scales.unflatten(-1, (K, S))
         return logits, means.unflatten(-1, (K, self.c)), log_scales.clamp(*self.log_scale_range)
 
-    def loss(self, out, codes, mask, target):
-        """Exact mixture NLL of z_i, averaged over positions with k_i > 0, in nats per latent dimension."""
+    @staticmethod
+    def scored(mask):
+        """How many terms the loss averages over: positions with k_i > 0."""
+        return mask.any(-1).sum()
+
+    def loss(self, out, codes, mask, target, count=None):
+        """Exact mixture NLL of z_i, averaged over positions with k_i > 0, in nats per latent dimension.
+        count: divide the sum by this instead of this batch's own count (train.py: a share of the global batch)."""
         logits, means, log_scales = self.split(out)
         log_p, joint = mog_log_prob(logits, means, log_scales, target.float())  # (B, L), (B, L, K)
         valid = mask.any(-1).float()  # (B, L): positions with k_i > 0
-        count = valid.sum().clamp_min(1.0)
-        loss = -(log_p * valid).sum() / count / self.c
+        local = valid.sum().clamp_min(1.0)
+        loss = -(log_p * valid).sum() / (local if count is None else count) / self.c
         with torch.no_grad():
             resp = joint.softmax(-1) * valid.unsqueeze(-1)  # (B, L, K) posterior responsibilities
-            usage = resp.sum((0, 1)) / count  # (K,) how much each component is used
+            usage = resp.sum((0, 1)) / local  # (K,) how much each component is used
             stats = {
                 "mix_perplexity": torch.exp(-torch.xlogy(usage, usage).sum()),  # components in use, 1..K
                 # posterior-weighted mean log σ (over dimensions too, when diagonal)
-                "log_scale": (resp * log_scales.reshape(*resp.shape, -1).mean(-1)).sum() / count,
+                "log_scale": (resp * log_scales.reshape(*resp.shape, -1).mean(-1)).sum() / local,
             }
         return loss, stats
 
@@ -410,15 +416,21 @@ class TokenHead(nn.Module):
     def forward(self, h):  # (B, L, C) -> (B, L, D·V) logits
         return self.linear(h)
 
-    def loss(self, out, codes, mask, target):
-        """Cross-entropy of the masked tokens, averaged over masked tokens, in nats per token."""
+    @staticmethod
+    def scored(mask):
+        """How many terms the loss averages over: masked tokens."""
+        return mask.sum()
+
+    def loss(self, out, codes, mask, target, count=None):
+        """Cross-entropy of the masked tokens, averaged over masked tokens, in nats per token.
+        count: divide the sum by this instead of this batch's own count (train.py: a share of the global batch)."""
         logits = out.float().unflatten(-1, (self.D, self.V))  # (B, L, D, V)
         ce = F.cross_entropy(logits.flatten(0, 2), codes.flatten(), reduction="none").view_as(codes)
         m = mask.float()
-        count = m.sum().clamp_min(1.0)
-        loss = (ce * m).sum() / count
+        local = m.sum().clamp_min(1.0)
+        loss = (ce * m).sum() / (local if count is None else count)
         with torch.no_grad():
-            stats = {"token_acc": ((logits.argmax(-1) == codes).float() * m).sum() / count}
+            stats = {"token_acc": ((logits.argmax(-1) == codes).float() * m).sum() / local}
         return loss, stats
 
     def sample(self, out, prefix, codebooks, top_p, temperature, generator):
@@ -512,10 +524,12 @@ class ResGen(nn.Module):
         return labels.to(device=device, dtype=torch.long)
 
     # ---- training --------------------------------------------------------------------------------------
-    def forward(self, codes, labels, mask=None, drop=None):
+    def forward(self, codes, labels, mask=None, drop=None, count=None):
         """Training loss (PAPER.md §3): mask a random suffix of depths per position (forward masking), predict
         the masked part. codes (B, L, D) int64, labels (B,) int64 or None; mask (B, L, D) bool to fix it;
         drop (B,) bool: which labels become the null class (default: random, p = label_dropout, in training).
+        count: the loss is the sum over scored terms divided by count (default: their number in this batch);
+        train.py passes its share of the global batch's count so that DDP and micro-batches average exactly.
         Returns (loss, stats): MoG NLL in nats per latent dimension, or token cross-entropy in nats per token;
         stats is a dict of detached scalar tensors."""
         B, L, D = codes.shape
@@ -530,7 +544,7 @@ class ResGen(nn.Module):
             labels = labels.masked_fill(drop.to(labels.device), self.null_class)
         visible, target = cumulative_embeddings(codes, mask, self.codebooks)
         out = self.backbone(visible, mask.sum(-1), labels)
-        loss, stats = self.head.loss(out, codes, mask, target)
+        loss, stats = self.head.loss(out, codes, mask, target, count)
         stats["masked_frac"] = mask.float().mean().detach()
         return loss, stats
 

@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from resgen import HEADS, SIZES, ResGen, ResGenConfig, make_config, sample_mask
 from tokenizer import (UserError, check_writable_dir, default_device, file_hash, load_checkpoint, load_code_cache,
-                       load_tokenizer, parse_device, run_cli, save_checkpoint, setup_dist)
+                       load_tokenizer, parse_device, run_cli, save_checkpoint, setup_dist, teardown_dist)
 
 
 #################################################################################
@@ -270,6 +270,9 @@ def main(argv=None):
         idx = batch_indices(step, len(codes), args.batch_size, args.seed)
         mask, drop = step_noise(step, args, config, device)  # (B_global, L, D), (B_global,)
         mine = slice(rank * micro * args.grad_accum, (rank + 1) * micro * args.grad_accum)
+        # Every micro-batch's loss is its sum over scored terms divided by the global batch's count / world: the
+        # gradient DDP averages is then exactly that of one mean over the global batch, whatever the split.
+        count = model.head.scored(mask).float().clamp_min(1.0) / world
         idx, mask, drop = idx[mine], mask[mine], drop[mine]
         loss_sum = torch.zeros((), device=device)
         for m in range(args.grad_accum):
@@ -278,9 +281,9 @@ def main(argv=None):
             sync = m == args.grad_accum - 1 or world == 1
             ctx = train_model.no_sync() if not sync and hasattr(train_model, "no_sync") else torch.enable_grad()
             with ctx, autocast:
-                loss, stats = train_model(x, y, mask=mask[part], drop=drop[part])
-                (loss / args.grad_accum).backward()
-            loss_sum += loss.detach() / args.grad_accum
+                loss, stats = train_model(x, y, mask=mask[part], drop=drop[part], count=count)
+                loss.backward()
+            loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -325,8 +328,7 @@ def main(argv=None):
     if rank == 0:
         done = f"saved {ckpt_path}" if step > start_step else f"{ckpt_path} is already at --steps; nothing to train"
         print(f"{done} (step {step})", flush=True)
-    if world > 1:
-        dist.destroy_process_group()
+    teardown_dist(world)
 
 
 def time_is_up(start_time, limit, world, device):
