@@ -571,8 +571,6 @@ def evaluate(args):
     ref = load_reference_npz(args.ref) if ref_is_file else None
     if args.data != "fashion_mnist" and not os.path.isdir(args.data):
         raise UserError(f"--data {args.data!r} is neither 'fashion_mnist' nor an existing folder")
-    for folder in filter(None, (args.cache_dir, args.json_out and os.path.dirname(os.path.abspath(args.json_out)))):
-        tokenizer.check_writable_dir(folder)
     source, step = resolve_source(args.source, args.ckpt)
     if source == "resgen":
         sample.sampler_kwargs(args)     # bad sampler flags fail before any heavy work
@@ -580,6 +578,10 @@ def evaluate(args):
     if args.classifier and not os.path.isfile(args.classifier):
         raise UserError(f"--classifier {args.classifier} not found (train one: python eval_fid.py train-classifier)")
     inc_path = None if args.no_fid else inception_path(args.inception)  # fail before generating anything
+    # output folders last: a bad input above fails without creating any
+    cache_dir = None if args.no_fid else args.cache_dir
+    for folder in filter(None, (cache_dir, args.json_out and os.path.dirname(os.path.abspath(args.json_out)))):
+        tokenizer.check_writable_dir(folder)
     t0 = time.time()
 
     # 1. The images to evaluate, with the class each was meant to be (None when unknown).

@@ -1051,12 +1051,15 @@ def _cli(*args):
     (["--source", "real", "--n", "4", "--inception", "/nonexistent/incep.pt"], "Inception network not found"),
     (["--source", "magic"], "unknown --source"),
 ])
-def test_cli_bad_input_one_line(args, needle):
-    r = _cli(*args)
+def test_cli_bad_input_one_line(args, needle, tmp_path):
+    """One error line, and no output folder created (the cache and the JSON folder come after the checks)."""
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    r = _cli(*args, "--cache-dir", str(cache), "--json-out", str(out / "r.jsonl"))
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
+    assert not cache.exists() and not out.exists()
 
 
 
