@@ -39,8 +39,8 @@ demo: setup
 	echo "demo finished in $$(( $$(date +%s) - start )) s: samples.png"
 
 # RESULTS.md section 3: MoG (K = 16), token head and MoG (K = 64) trained STUDY_TIME seconds each, at once on
-# one GPU, then
-# N-image FIDs over T, CFG, top-p and temperatures, one JSON line each in $(RUNS)/results_gpu.jsonl.
+# one GPU, then STUDY_N-image FIDs over T, CFG, top-p and temperatures, one JSON line each in
+# $(RUNS)/results_gpu.jsonl.
 STUDY_TIME ?= 270
 STUDY_N ?= 10000
 STUDY_REF_N ?= 10000

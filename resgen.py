@@ -272,6 +272,7 @@ def requantize(z, start, codebooks, log_scale):
         inv_var = torch.exp(-2.0 * log_scale.float()).reshape(B * L, -1)  # (BL, 1) or (BL, c)
         codebooks = codebooks.float()
         e2 = codebooks.pow(2).sum(-1)  # (D, V): ||e(v; j)||², once for all depths
+        cb2 = codebooks.pow(2) if diagonal else None  # (D, V, c), for the per-dimension weighted distances
         r = z.float().reshape(B * L, c)
         start = start.reshape(B * L)
         tokens, logps = [], []
@@ -280,7 +281,7 @@ def requantize(z, start, codebooks, log_scale):
             d = torch.addmm(e2[j], r, codebooks[j].t(), alpha=-2.0)  # (BL, V)
             d_min, tok = d.min(-1, keepdim=True)  # (BL, 1)
             if diagonal:  # -Σ_d (r_d - e_vd)²/(2σ_d²) up to a per-row constant, then log softmax at the argmin
-                scaled = torch.addmm(inv_var @ codebooks[j].pow(2).t(), inv_var * r, codebooks[j].t(), alpha=-2.0)
+                scaled = torch.addmm(inv_var @ cb2[j].t(), inv_var * r, codebooks[j].t(), alpha=-2.0)
                 scaled = scaled.mul_(-0.5)  # (BL, V)
                 logp = scaled.gather(1, tok).squeeze(-1) - scaled.logsumexp(-1)
             else:
@@ -374,7 +375,7 @@ class MoGHead(nn.Module):
         logits, means, log_scales = self.split(out)
         log_p, joint = mog_log_prob(logits, means, log_scales, target.float())  # (B, L), (B, L, K)
         valid = mask.any(-1).float()  # (B, L): positions with k_i > 0
-        local = valid.sum().clamp_min(1.0)
+        local = self.scored(mask).float().clamp_min(1.0)
         loss = -(log_p * valid).sum() / (local if count is None else count) / self.c
         with torch.no_grad():
             resp = joint.softmax(-1) * valid.unsqueeze(-1)  # (B, L, K) posterior responsibilities
@@ -393,15 +394,10 @@ class MoGHead(nn.Module):
         B, L, K = logits.shape
         k = (top_p_filter(logits, top_p) + gumbel((B, L, K), generator, logits.device)).argmax(-1)  # (B, L)
         mu = means.gather(2, k[:, :, None, None].expand(B, L, 1, self.c)).squeeze(2)  # (B, L, c)
-        if self.S > 1:
-            log_s = log_scales.gather(2, k[:, :, None, None].expand(B, L, 1, self.c)).squeeze(2)  # (B, L, c)
-            sigma = log_s.exp()
-        else:
-            log_s = log_scales.gather(2, k.unsqueeze(-1)).squeeze(-1)  # (B, L)
-            sigma = log_s.exp().unsqueeze(-1)
+        log_s = log_scales.reshape(B, L, K, self.S).gather(2, k[:, :, None, None].expand(B, L, 1, self.S)).squeeze(2)
         eps = torch.randn(B, L, self.c, generator=generator, device=logits.device)
-        z = mu + temperature * sigma * eps
-        return requantize(z, prefix, codebooks, log_s)
+        z = mu + temperature * log_s.exp() * eps  # log_s (B, L, S), S = 1 or c
+        return requantize(z, prefix, codebooks, log_s if self.S > 1 else log_s.squeeze(-1))
 
 
 class TokenHead(nn.Module):
@@ -427,7 +423,7 @@ class TokenHead(nn.Module):
         logits = out.float().unflatten(-1, (self.D, self.V))  # (B, L, D, V)
         ce = F.cross_entropy(logits.flatten(0, 2), codes.flatten(), reduction="none").view_as(codes)
         m = mask.float()
-        local = m.sum().clamp_min(1.0)
+        local = self.scored(mask).float().clamp_min(1.0)
         loss = (ce * m).sum() / (local if count is None else count)
         with torch.no_grad():
             stats = {"token_acc": ((logits.argmax(-1) == codes).float() * m).sum() / local}
@@ -638,21 +634,27 @@ class ResGen(nn.Module):
 #                                   Checkpoints                                 #
 #################################################################################
 
+def checkpoint_config(ckpt, path):
+    """The ResGenConfig a checkpoint was trained with. Fields added to ResGenConfig since it was written take
+    their defaults (so older checkpoints load and resume); fields this resgen.py does not know are a UserError."""
+    if "config" not in ckpt:
+        raise UserError(f"{path} has no 'config' entry: not a ResGen training checkpoint")
+    unknown = sorted(set(ckpt["config"]) - {f.name for f in fields(ResGenConfig)})
+    if unknown:
+        raise UserError(f"{path} has config fields {', '.join(unknown)} that this resgen.py's ResGenConfig lacks")
+    try:
+        return ResGenConfig(**ckpt["config"])
+    except TypeError as e:
+        raise UserError(f"{path}: config does not fit ResGenConfig ({e})")
+
+
 def load_resgen(path, ema=True, device="cpu"):
     """ResGen from a train.py checkpoint (DESIGN.md §7), in eval mode, with `.meta` (the code cache's meta.json)
     and `.step` attached. ema=True takes the EMA weights when the checkpoint has them."""
     ckpt = load_checkpoint(path, "resgen")
-    for key in ("config", "model"):
-        if key not in ckpt:
-            raise UserError(f"{path} has no {key!r} entry: not a ResGen training checkpoint")
-    known = {f.name for f in fields(ResGenConfig)}
-    unknown = sorted(set(ckpt["config"]) - known)
-    if unknown:
-        raise UserError(f"{path} has config fields {', '.join(unknown)} that this resgen.py's ResGenConfig lacks")
-    try:
-        config = ResGenConfig(**ckpt["config"])
-    except TypeError as e:
-        raise UserError(f"{path}: config does not fit ResGenConfig ({e})")
+    if "model" not in ckpt:
+        raise UserError(f"{path} has no 'model' entry: not a ResGen training checkpoint")
+    config = checkpoint_config(ckpt, path)
     model_state = strip_prefixes(ckpt["model"])
     state = strip_prefixes(ckpt["ema"]) if ema and ckpt.get("ema") is not None else model_state
     if "codebooks" not in state and "codebooks" in model_state:  # an EMA of the trained parameters only

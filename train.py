@@ -23,14 +23,14 @@ import json
 import math
 import os
 import time
-from dataclasses import MISSING, asdict, fields
+from dataclasses import asdict
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from resgen import HEADS, SIZES, ResGen, ResGenConfig, make_config, sample_mask
+from resgen import HEADS, SIZES, ResGen, checkpoint_config, make_config, sample_mask
 from tokenizer import (UserError, check_writable_dir, default_device, file_hash, load_checkpoint, load_code_cache,
                        load_tokenizer, parse_device, run_cli, save_checkpoint, setup_dist, teardown_dist)
 
@@ -138,14 +138,6 @@ def build_config(args, meta):
                        mixtures=args.mixtures, scales=args.scales, label_dropout=args.label_dropout)
 
 
-def saved_config(ckpt):
-    """A checkpoint's config with today's defaults for fields added since it was written (so older runs
-    still resume); unknown fields are kept, so a checkpoint from a newer resgen.py never matches."""
-    saved = dict(ckpt.get("config") or {})
-    defaults = {f.name: f.default for f in fields(ResGenConfig) if f.default is not MISSING}
-    return {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
-
-
 def validate(args, world):
     for k in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "mixtures"):
         if getattr(args, k) < 1:
@@ -212,7 +204,7 @@ def main(argv=None):
     ckpt = None
     if os.path.exists(ckpt_path):
         ckpt = load_checkpoint(ckpt_path, "resgen")
-        if saved_config(ckpt) != asdict(config):
+        if asdict(checkpoint_config(ckpt, ckpt_path)) != asdict(config):
             raise UserError(f"{ckpt_path} holds a model {ckpt.get('config')} but these flags and data give "
                             f"{asdict(config)}; use another --out")
         if ckpt["meta"].get("tokenizer_hash") != meta["tokenizer_hash"]:
