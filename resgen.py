@@ -47,17 +47,21 @@ def gamma(schedule, r):
 
 
 def masking_plan(steps, total, schedule="cosine"):
-    """Number of masked tokens after each sampling step s = 0..T (PAPER.md §5), as Python ints.
+    """Number of tokens still masked after each sampling step s = 0..T (PAPER.md §5).
 
-    masked[s] = floor(γ(s/T)·total), but at least one token is revealed per step (while any is left) and
-    all are revealed at s = T. Computed on the host before the step loop, so the loop never syncs.
+    masked[s] = floor(γ(s/T)·total), but at least one token is revealed per step (while any is left) and all
+    are revealed at s = T. total: an int or an int64 tensor (...,) of tokens to generate (per row, when a prompt
+    gives some of them). Returns int64 (..., T + 1) on total's device, computed without leaving it, so the
+    sampler can plan per row before its step loop and the loop never syncs.
     """
+    total = torch.as_tensor(total, dtype=torch.long)
     s = torch.arange(steps + 1, dtype=torch.float64) / steps
-    target = torch.floor(gamma(schedule, s) * total).long().tolist()
-    masked = [total]
-    for t in target[1:]:
-        masked.append(max(0, min(t, masked[-1] - 1)))
-    masked[-1] = 0
+    target = torch.floor(gamma(schedule, s).to(total.device) * total.unsqueeze(-1)).long()  # (..., T+1)
+    target[..., 0] = total
+    # m_s = max(0, min(t_s, m_{s-1} - 1)) unrolls to max(0, min_{s' <= s}(t_{s'} + s') - s): a running min, no loop
+    t = torch.arange(steps + 1, device=total.device)
+    masked = ((target + t).cummin(-1).values - t).clamp_min(0)
+    masked[..., -1] = 0
     return masked
 
 
@@ -545,14 +549,52 @@ class ResGen(nn.Module):
         return loss, stats
 
     # ---- sampling --------------------------------------------------------------------------------------
+    def prompt_state(self, prompt_codes, prompt_mask, batch, device):
+        """The sampler's starting state from a prompt: (codes (B, L, D) int64, masked (B, L, D) bool).
+
+        prompt_mask (B, L, D) bool, True = given: at every position the given depths must be a prefix (depths
+        0..p_i - 1), as the sampler only ever reveals prefixes; prompt_codes (B, L, D) holds the given codes
+        (in 0..V-1 where given, anything elsewhere). No prompt: nothing given, everything masked. Validation reads
+        the tensors on the host; it runs once, before the step loop.
+        """
+        L, D, V = self.config.length, self.config.depth, self.config.codebook_size
+        if prompt_codes is None and prompt_mask is None:
+            return (torch.zeros(batch, L, D, dtype=torch.long, device=device),
+                    torch.ones(batch, L, D, dtype=torch.bool, device=device))
+        if prompt_codes is None or prompt_mask is None:
+            raise UserError("a prompt needs both prompt_codes and prompt_mask")
+        want = (batch, L, D)
+        for name, t in (("prompt_codes", prompt_codes), ("prompt_mask", prompt_mask)):
+            if tuple(t.shape) != want:
+                raise UserError(f"{name} has shape {tuple(t.shape)}; this model samples (B, L, D) = {want}")
+        if prompt_mask.dtype != torch.bool:
+            raise UserError(f"prompt_mask must be bool (True = given), got {prompt_mask.dtype}")
+        given = prompt_mask.to(device)
+        gap = given[..., 1:] & ~given[..., :-1]  # depth j given, depth j-1 not
+        if bool(gap.any()):
+            b, i, j = gap.nonzero()[0].tolist()
+            raise UserError(f"prompt_mask must give a prefix of depths at every position; row {b}, position {i} "
+                            f"gives depth {j + 1} but not depth {j}")
+        if prompt_codes.dtype.is_floating_point or prompt_codes.dtype == torch.bool:
+            raise UserError(f"prompt_codes must be integer codes, got {prompt_codes.dtype}")
+        codes = torch.where(given, prompt_codes.to(device=device, dtype=torch.long), 0)
+        bad = given & ((codes < 0) | (codes >= V))
+        if bool(bad.any()):
+            b, i, j = bad.nonzero()[0].tolist()
+            raise UserError(f"prompt_codes must be in 0..{V - 1} where given; row {b}, position {i}, depth {j} "
+                            f"holds {int(codes[b, i, j])}")
+        return codes, ~given
+
     @torch.no_grad()
     def generate(self, labels, steps, cfg=1.0, cfg_schedule="constant", top_p=1.0, temperature=1.0,
-                 choice_temperature=1.0, generator=None, schedule="cosine", batch_size=None, callback=None):
+                 choice_temperature=1.0, generator=None, schedule="cosine", batch_size=None, callback=None,
+                 prompt_codes=None, prompt_mask=None):
         """Confidence-ordered sampler (PAPER.md §5, DESIGN.md §4.4). T = `steps` forward passes whatever D is.
 
         labels: (B,) int64, or None for unconditional samples (then `batch_size` gives B).
         cfg: guidance scale w on the head's linear outputs, u + w·(c − u); 1 = no guidance (one pass of B rows).
-        cfg_schedule: "constant" or "linear" (w_s = 1 + (w − 1)·revealed/(L·D)).
+        cfg_schedule: "constant" or "linear" (w_s = 1 + (w − 1)·revealed/(L·D), per row; given tokens count as
+        revealed).
         top_p: nucleus over mixture components (over codes for the token head). temperature: τ in
         z = μ_k + τ·σ_k·ε (softmax temperature for the token head).
         choice_temperature: scale of the Gumbel noise on the confidences, annealed by (1 − s/T). Default 1.0:
@@ -560,6 +602,10 @@ class ResGen(nn.Module):
         early steps mix confidence with randomness and the last steps go by confidence alone.
         generator: a torch.Generator on the model's device (same seed -> same codes).
         callback(step, codes, masked): called after each step; masked (B, L, D) bool, True = not yet revealed.
+        prompt_codes (B, L, D) int, prompt_mask (B, L, D) bool (True = given, a prefix of depths at every
+        position): prompted generation (inpainting, keeping coarse depths, continuation). Given tokens are
+        returned unchanged and never resampled; each row's reveal schedule covers only its tokens left to
+        generate, still in T passes.
         Returns codes (B, L, D) int64.
         """
         if steps != int(steps) or steps < 1:
@@ -588,12 +634,13 @@ class ResGen(nn.Module):
         labels = self._labels(labels, B, device)
         if guided:
             labels = torch.cat([labels, torch.full_like(labels, self.null_class)])  # (2B,)
-        masked_after = masking_plan(steps, N, schedule)  # host ints: the step loop never syncs
+        codes, masked = self.prompt_state(prompt_codes, prompt_mask, B, device)  # masked: a suffix of depths
+        # Each row's schedule over the tokens it has left, planned on the device: the step loop never syncs.
+        masked_after = masking_plan(steps, masked.flatten(1).sum(-1), schedule)  # (B, T+1)
+        slot = torch.arange(N, device=device).expand(B, N)
 
         was_training = self.training
         self.eval()
-        codes = torch.zeros(B, L, D, dtype=torch.long, device=device)
-        masked = torch.ones(B, L, D, dtype=torch.bool, device=device)  # always a suffix of depths per position
         for s in range(1, steps + 1):
             # 1. one forward pass; cond and null halves in one batch when guided
             visible, _ = cumulative_embeddings(codes, masked, self.codebooks)  # (B, L, c)
@@ -605,7 +652,9 @@ class ResGen(nn.Module):
                     out = self.backbone(visible, num_masked, labels)
             out = out.float()  # CFG, the Gaussian arithmetic and the quantizer run in fp32
             if guided:
-                w = cfg if cfg_schedule == "constant" else 1.0 + (cfg - 1.0) * (N - masked_after[s - 1]) / N
+                w = cfg
+                if cfg_schedule == "linear":  # per row, in float64 like the scalar it generalises
+                    w = ((N - masked_after[:, s - 1]).double() * (cfg - 1.0) / N + 1.0).float().view(B, 1, 1)
                 cond, uncond = out.chunk(2)
                 out = uncond + w * (cond - uncond)
             # 2-3. sample candidates for every masked slot, with per-token log-probabilities
@@ -615,15 +664,15 @@ class ResGen(nn.Module):
             noise = choice_temperature * (1.0 - s / steps) * gumbel((B, L, D), generator, device)
             score = (logp.cumsum(-1) + noise).masked_fill(~masked, float("inf")).cummin(-1).values
             score = score.masked_fill(~masked, float("-inf")).view(B, N)
-            n_reveal = masked_after[s - 1] - masked_after[s]
-            if n_reveal > 0:
-                # The same count for every row, so one sort serves the batch. A stable sort breaks the ties
-                # the running min creates in favour of the shallower depth (it comes first in the flattened
-                # (L, D) order), so the revealed depths stay a prefix.
-                chosen = score.sort(dim=-1, descending=True, stable=True).indices[:, :n_reveal]  # (B, n_reveal)
-                reveal = torch.zeros(B, N, dtype=torch.bool, device=device).scatter_(1, chosen, True).view(B, L, D)
-                codes = torch.where(reveal, cand, codes)
-                masked = masked & ~reveal
+            # Reveal each row's n_b best slots, n_b from its own schedule: rank every slot by one stable sort,
+            # keep ranks < n_b. The stable sort breaks the ties the running min creates in favour of the shallower
+            # depth (it comes first in the flattened (L, D) order), so the revealed depths stay a prefix.
+            n_reveal = masked_after[:, s - 1] - masked_after[:, s]  # (B,)
+            order = score.sort(dim=-1, descending=True, stable=True).indices  # (B, N)
+            rank = torch.empty_like(order).scatter_(1, order, slot)  # (B, N): slot -> its place in the order
+            reveal = (rank < n_reveal.unsqueeze(-1)).view(B, L, D) & masked  # given tokens are never resampled
+            codes = torch.where(reveal, cand, codes)
+            masked = masked & ~reveal
             if callback is not None:
                 callback(s, codes, masked)
         self.train(was_training)

@@ -390,12 +390,29 @@ def test_mask_fraction_matches_schedule(schedule, integral):
 @pytest.mark.parametrize("schedule", sorted(resgen.SCHEDULES))
 @pytest.mark.parametrize("steps,total", [(1, 12), (4, 12), (8, 1024), (20, 6)])
 def test_masking_plan(schedule, steps, total):
-    plan = resgen.masking_plan(steps, total, schedule)
+    plan = resgen.masking_plan(steps, total, schedule).tolist()
     assert len(plan) == steps + 1 and plan[0] == total and plan[-1] == 0
     assert all(b < a or a == 0 for a, b in zip(plan, plan[1:]))  # at least one revealed per step while any left
     s = torch.arange(1, steps, dtype=torch.float64) / steps
     floor = torch.floor(resgen.gamma(schedule, s) * total).long().tolist()
     assert all(p <= f for p, f in zip(plan[1:-1], floor))
+
+
+@pytest.mark.parametrize("schedule", sorted(resgen.SCHEDULES))
+def test_masking_plan_per_row_follows_the_recurrence(schedule):
+    """Per-row totals (prompted sampling): each row's plan is the step-by-step rule
+    m_s = max(0, min(floor(γ(s/T)·total), m_{s-1} - 1)), m_0 = total, m_T = 0, computed naively."""
+    totals = torch.tensor([0, 1, 2, 5, 17, 96, 1024])
+    for steps in (1, 3, 8, 40):
+        plan = resgen.masking_plan(steps, totals, schedule)
+        assert plan.shape == (len(totals), steps + 1) and plan.dtype == torch.long
+        for total, row in zip(totals.tolist(), plan.tolist()):
+            m = [total]
+            for s in range(1, steps + 1):
+                t = math.floor(resgen.gamma(schedule, torch.tensor(s / steps, dtype=torch.float64)).item() * total)
+                m.append(max(0, min(t, m[-1] - 1)))
+            m[-1] = 0
+            assert row == m, (total, steps)
 
 
 #################################################################################
@@ -586,7 +603,7 @@ def test_sampler_invariants(head, D, steps, cfg, top_p, choice):
     """A large choice temperature makes the running minimum tie many scores: the prefix rule must hold."""
     L, V, B = 6, 16, 3
     m = tiny_model(L=L, D=D, V=V, head=head)
-    plan = resgen.masking_plan(steps, L * D)
+    plan = resgen.masking_plan(steps, L * D).tolist()
     labels = torch.tensor([0, 3, 5])  # 5 = the null class
     state = {"codes": torch.zeros(B, L, D, dtype=torch.long), "masked": torch.ones(B, L, D, dtype=torch.bool)}
 
@@ -641,6 +658,93 @@ def test_sampler_rejects_bad_arguments():
         m.generate(torch.tensor([6]), 2)  # 0..5 allowed (5 = null)
     with pytest.raises(tokenizer.UserError):
         m.generate(None, 2)
+
+
+def random_prompt(B, L, D, V, seed):
+    """Prompt codes and a prefix mask with a different number of given tokens per row: row 0 gives nothing,
+    row 1 everything, the others a random prefix length p_i at every position."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.randint(0, D + 1, (B, L), generator=g)
+    p[0], p[1] = 0, D
+    given = torch.arange(D) < p.unsqueeze(-1)  # (B, L, D): a prefix of depths
+    codes = torch.randint(0, V, (B, L, D), generator=g)
+    return codes, given
+
+
+@pytest.mark.parametrize("head", ["mog", "tokens"])
+@pytest.mark.parametrize("D,steps,cfg,schedule,choice", [(1, 3, 1.0, "constant", 1.0), (4, 6, 3.0, "linear", 1.0),
+                                                         (5, 4, 2.0, "constant", 20.0)])
+def test_prompted_sampler_keeps_the_prompt_and_plans_per_row(head, D, steps, cfg, schedule, choice):
+    """Prompted generation: given tokens come back bitwise unchanged at every step, each row reveals exactly
+    its own schedule over the tokens it has left, revealed depths stay a prefix, T passes (2B rows with CFG)."""
+    L, V, B = 6, 16, 5
+    m = tiny_model(L=L, D=D, V=V, head=head)
+    prompt, given = random_prompt(B, L, D, V, seed=D)
+    plan = resgen.masking_plan(steps, (~given).flatten(1).sum(-1))  # (B, T+1)
+    state = {"codes": prompt.clone(), "masked": ~given}
+    calls = []
+
+    def check(s, codes, masked):
+        calls.append(s)
+        assert is_suffix(masked)
+        assert torch.equal(masked.flatten(1).sum(-1), plan[:, s])  # every row on its own schedule, exactly
+        assert torch.equal(codes[given], prompt[given]) and not bool(masked[given].any())
+        old = ~state["masked"]
+        assert not bool(masked[old].any()) and torch.equal(codes[old], state["codes"][old])
+        state.update(codes=codes.clone(), masked=masked.clone())
+
+    seen, handle = count_passes(m)
+    out = m.generate(torch.tensor([0, 1, 2, 3, 4]), steps, cfg=cfg, cfg_schedule=schedule, choice_temperature=choice,
+                     generator=torch.Generator().manual_seed(0), callback=check, prompt_codes=prompt, prompt_mask=given)
+    handle.remove()
+    assert calls == list(range(1, steps + 1)) and seen == [B * (2 if cfg != 1.0 else 1)] * steps
+    assert not state["masked"].any() and torch.equal(out, state["codes"])
+    assert torch.equal(out[given], prompt[given]) and torch.equal(out[1], prompt[1])
+    assert bool(((out >= 0) & (out < V)).all())
+
+
+@pytest.mark.parametrize("head", ["mog", "tokens"])
+def test_empty_prompt_is_unprompted_sampling(head):
+    """A prompt that gives nothing samples exactly what no prompt does (same seed, same codes), and a prompt
+    changes what is generated around it."""
+    m = tiny_model(L=6, D=3, head=head)
+    labels = torch.tensor([1, 2, 4])
+    run = lambda **kw: m.generate(labels, 4, cfg=2.0, cfg_schedule="linear",
+                                  generator=torch.Generator().manual_seed(5), **kw)
+    codes, given = random_prompt(3, 6, 3, 16, seed=1)
+    assert torch.equal(run(), run(prompt_codes=codes, prompt_mask=torch.zeros_like(given)))
+    given[0] = torch.arange(3) < 2  # keep depths 1-2 everywhere in row 0: only depth 3 is generated
+    out = run(prompt_codes=codes, prompt_mask=given)
+    assert torch.equal(out[0, :, :2], codes[0, :, :2])
+
+
+def test_prompted_sampler_rejects_bad_prompts():
+    """Bad prompts are a UserError (one line on the command line), raised before any forward pass."""
+    m = tiny_model(L=4, D=3, V=16)
+    labels = torch.tensor([0, 1])
+    codes, given = random_prompt(2, 4, 3, 16, seed=0)
+    not_prefix = given.clone()
+    not_prefix[0, 2] = torch.tensor([False, True, True])
+    too_big = codes.clone()
+    too_big[1, 0, 0] = 16
+    negative = codes.clone()
+    negative[1, 3, 0] = -1
+    seen, handle = count_passes(m)
+    cases = [(dict(prompt_codes=codes, prompt_mask=not_prefix), "prefix of depths.*row 0, position 2"),
+             (dict(prompt_codes=too_big, prompt_mask=given), "in 0..15"),
+             (dict(prompt_codes=negative, prompt_mask=given), "in 0..15"),
+             (dict(prompt_codes=codes[:, :3], prompt_mask=given[:, :3]), r"shape \(2, 3, 3\).*\(2, 4, 3\)"),
+             (dict(prompt_codes=codes[:1], prompt_mask=given[:1]), "shape"),
+             (dict(prompt_codes=codes, prompt_mask=given.long()), "bool"),
+             (dict(prompt_codes=codes.float(), prompt_mask=given), "integer"),
+             (dict(prompt_codes=codes), "both"), (dict(prompt_mask=given), "both")]
+    for kw, match in cases:
+        with pytest.raises(tokenizer.UserError, match=match):
+            m.generate(labels, 2, **kw)
+    handle.remove()
+    assert seen == []
+    # where not given, prompt codes may hold anything (e.g. a padding value)
+    assert m.generate(labels, 2, prompt_codes=codes.masked_fill(~given, 999), prompt_mask=given).max() < 16
 
 
 #################################################################################
@@ -1143,27 +1247,33 @@ def test_cuda_requantize_matches_cpu():
 
 @needs_cuda
 @pytest.mark.parametrize("head", ["mog", "tokens"])
-def test_cuda_sampler_never_syncs_and_is_reproducible(head):
-    """The sampler on CUDA (bf16 backbone, CFG): after its first step no operation waits on the GPU
-    (torch's sync debug mode turns any host-device synchronisation into an error), every token ends
-    revealed and in range, and the same seed gives the same codes."""
+@pytest.mark.parametrize("prompted", [False, True])
+def test_cuda_sampler_never_syncs_and_is_reproducible(head, prompted):
+    """The sampler on CUDA (bf16 backbone, CFG, with and without a prompt): after its first step no operation
+    waits on the GPU (torch's sync debug mode turns any host-device synchronisation into an error), every
+    token ends revealed and in range, the prompt comes back unchanged, and the same seed gives the same codes."""
     m = tiny_model(head=head).to(GPU)
     labels = torch.arange(5, device="cuda").repeat(2)
+    prompt, given = random_prompt(10, 8, 3, 16, seed=2) if prompted else (None, None)
+    kw = dict(steps=6, cfg=2.0, cfg_schedule="linear", top_p=0.9, temperature=0.8)
+    if prompted:
+        kw.update(prompt_codes=prompt.to(GPU), prompt_mask=given.to(GPU))
 
     def strict_after_first_step(step, codes, masked):
         if step == 1:
             torch.cuda.set_sync_debug_mode("error")
 
     try:
-        codes = m.generate(labels, steps=6, cfg=2.0, top_p=0.9, temperature=0.8,
-                           generator=torch.Generator("cuda").manual_seed(0), callback=strict_after_first_step)
+        codes = m.generate(labels, generator=torch.Generator("cuda").manual_seed(0), callback=strict_after_first_step,
+                           **kw)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    again = m.generate(labels, steps=6, cfg=2.0, top_p=0.9, temperature=0.8,
-                       generator=torch.Generator("cuda").manual_seed(0))
+    again = m.generate(labels, generator=torch.Generator("cuda").manual_seed(0), **kw)
     assert codes.device.type == "cuda" and codes.shape == (10, 8, 3)
     assert int(codes.min()) >= 0 and int(codes.max()) < 16
     assert torch.equal(codes, again)
+    if prompted:
+        assert torch.equal(codes.cpu()[given], prompt[given])
 
 
 def test_bench_quick_runs_every_row(tmp_path):
