@@ -9,6 +9,11 @@ the same N, and class accuracy of class-conditional samples under a small CNN tr
     python eval_fid.py --ckpt runs/resgen/last.pt --n 10000 --json-out runs/fid.jsonl
     python eval_fid.py --ckpt runs/resgen/last.pt --n 10000 --steps 16 --cfg 2.0   # any sample.py sampler flag
 
+    # prompted: completions of real test images' codes (sample.py --inpaint / --keep-depth), scored against the
+    # images' own classes; with PSNR against the real images and against the tokenizer's reconstructions
+    python eval_fid.py --ckpt runs/resgen/last.pt --n 1000 --inpaint bottom --classes null --no-fid
+    python eval_fid.py --ckpt runs/resgen/last.pt --n 1000 --keep-depth 2 --no-fid
+
     # other sources: an .npz of samples (arr_0 uint8 (N, H, W, C), optional arr_1 labels),
     # tokenizer reconstructions of the test split, or real test images (the floor itself)
     python eval_fid.py --ckpt samples.npz
@@ -246,20 +251,7 @@ def _check_images(images, what):
 #                         Real images and their statistics                      #
 #################################################################################
 
-def real_images(data, split, n=None, data_dir=None, image_size=None):
-    """Up to n real images of a split, spread evenly over the split: (uint8 (n, H, W, C), labels (n,), num_classes).
-
-    Evenly spaced indices, not the first n: image folders are sorted by class, so the first n images
-    would cover only a few classes. Through tokenizer.open_images so that only the chosen files are read.
-    """
-    ds, num_classes = tokenizer.open_images(data, split, data_dir, image_size)
-    total = len(ds)
-    n = total if n is None else min(n, total)
-    idx = np.unique(np.linspace(0, total - 1, n).round().astype(np.int64))
-    if hasattr(ds, "images"):                                                     # in-memory (Fashion-MNIST)
-        return np.ascontiguousarray(ds.images[idx]), ds.labels[idx], num_classes
-    images = np.stack([ds[int(i)][0].numpy() for i in idx])
-    return images, ds.labels[idx], num_classes
+real_images = tokenizer.real_images  # shared with sample.py's prompts; defined beside the data sets
 
 
 def _slug(data):
@@ -504,13 +496,46 @@ def load_npz_samples(path, n=None):
 
 
 def generate_samples(args, device):
-    """Class-balanced samples from a ResGen checkpoint through sample.py (no duplicated sampling code)."""
+    """Class-balanced samples (or --classes) from a ResGen checkpoint through sample.py (no duplicated sampling
+    code). Labels to score are None when some samples are of the null class (unconditional)."""
     settings = sample.sampler_kwargs(args)                                        # validated sampler flags
     model, tok = sample.load_for_sampling(args.ckpt, tokenizer=args.tokenizer, device=device)
-    labels = torch.arange(args.n) % model.config.num_classes                      # class-balanced, interleaved
+    nc = model.config.num_classes
+    labels = sample.class_labels(args.n, nc, args.classes) if args.classes else torch.arange(args.n) % nc
     images = sample.generate_images(model, tok, labels, batch_size=args.batch_size, seed=args.seed,
                                     device=device, progress=True, **settings)
-    return images, labels.numpy(), getattr(model, "step", None), {**settings, "seed": args.seed}
+    truth = labels.numpy() if int(labels.max()) < nc else None
+    return images, truth, getattr(model, "step", None), {**settings, "seed": args.seed, "classes": args.classes}
+
+
+def psnr(a, b):
+    """PSNR in dB of uint8 images a against b (N, H, W, C), from the mean squared error over all of them."""
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))
+
+
+def prompted_samples(args, device):
+    """Completions of n real test items (--inpaint / --keep-depth, sample.complete_real_items), to be scored
+    against the items' labels; with the PSNR of the completions against the real images and against the
+    tokenizer's reconstructions of them, and the images the scores are compared with (see `evaluate`):
+    recon (the reconstructions) and kept (what the prompt keeps, decoded alone; gray where nothing is kept)."""
+    settings = sample.sampler_kwargs(args)
+    model, tok = sample.load_for_sampling(args.ckpt, tokenizer=args.tokenizer, device=device)
+    done = sample.complete_real_items(model, tok, args.data, args.n, args.inpaint, args.keep_depth, args.classes,
+                                      args.batch_size, args.seed, device, True, args.data_dir, **settings)
+    images = sample.decode_codes(tok, done["codes"], args.batch_size)
+    baselines = {"recon": sample.decode_codes(tok, done["real"], args.batch_size),
+                 "kept": sample.decode_codes(tok, done["real"], args.batch_size, given=done["given"])}
+    real = done["originals"]
+    prompt = {"inpaint": args.inpaint, "keep_depth": args.keep_depth,
+              "kept_fraction": round(float(done["given"][0].float().mean()), 4),
+              "psnr_vs_real": None if real is None else psnr(images, real),
+              "psnr_vs_recon": psnr(images, baselines["recon"]),
+              "psnr_recon_vs_real": None if real is None else psnr(baselines["recon"], real),
+              "psnr_kept_vs_real": None if real is None else psnr(baselines["kept"], real)}
+    step = getattr(model, "step", None)
+    return images, done["labels"].numpy(), step, {**settings, "seed": args.seed, "classes": args.classes}, prompt, \
+        baselines
 
 
 def reconstruct_test(args, device):
@@ -572,6 +597,9 @@ def evaluate(args):
     if args.data != "fashion_mnist" and not os.path.isdir(args.data):
         raise UserError(f"--data {args.data!r} is neither 'fashion_mnist' nor an existing folder")
     source, step = resolve_source(args.source, args.ckpt)
+    prompted = args.inpaint is not None or args.keep_depth != 0
+    if prompted and source != "resgen":
+        raise UserError(f"--inpaint / --keep-depth complete real items with a ResGen checkpoint; {args.ckpt} is {source}")
     if source == "resgen":
         sample.sampler_kwargs(args)     # bad sampler flags fail before any heavy work
     classifier_path = args.classifier or DEFAULT_CLASSIFIER
@@ -585,8 +613,12 @@ def evaluate(args):
     t0 = time.time()
 
     # 1. The images to evaluate, with the class each was meant to be (None when unknown).
-    settings = {}
-    if source == "resgen":
+    settings, prompt, baselines = {}, None, {}
+    if prompted:
+        args.n = args.n or DEFAULT_N
+        images, labels, model_step, settings, prompt, baselines = prompted_samples(args, device)
+        step = model_step if model_step is not None else step
+    elif source == "resgen":
         args.n = args.n or DEFAULT_N
         images, labels, model_step, settings = generate_samples(args, device)
         step = model_step if model_step is not None else step
@@ -624,6 +656,8 @@ def evaluate(args):
         else:
             class_acc = float((predict(clf, images, device=device) == labels).mean())
             clf_acc = info.get("test_acc")
+            for name, other in baselines.items():  # prompted: the same score of the prompt's reference images
+                prompt[f"class_acc_{name}"] = float((predict(clf, other, device=device) == labels).mean())
     elif labels is not None:
         print(f"note: no class accuracy: {classifier_path} not found "
               f"(python eval_fid.py train-classifier --data {args.data} --out {classifier_path})", file=sys.stderr)
@@ -633,6 +667,8 @@ def evaluate(args):
               "step": step, "ref": args.ref, "ref_n": ref["n"] if ref else None, "data": args.data,
               "floor_split": None if fid_floor is None else heldout, "image_size": int(image_size),
               "sampler": settings, "inception": inc_id, "seconds": round(time.time() - t0, 1)}
+    if prompt is not None:
+        result["prompt"] = prompt
     print_table(result)
     line = json.dumps(result)
     print(line, flush=True)
@@ -656,6 +692,9 @@ def print_table(r):
             ("class accuracy", f"{pct(r['class_acc'])}  (classifier on real test images: {pct(r['classifier_test_acc'])})")]
     if r["sampler"]:
         rows.append(("sampler", " ".join(f"{k}={v}" for k, v in r["sampler"].items())))
+    if r.get("prompt"):
+        rows.append(("prompt", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                        for k, v in r["prompt"].items())))
     print("\n".join(f"{k:>15} | {v}" for k, v in rows))
 
 

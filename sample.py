@@ -1,10 +1,17 @@
 """
 Sample images from a trained ResGen checkpoint (EMA weights) with the confidence-ordered sampler
-(DESIGN.md §4.4) and decode them with the RVQ tokenizer.
+(DESIGN.md §4.4) and decode them with the RVQ tokenizer; or complete real images' codes (prompted generation).
 
     python sample.py --n 64                                   # runs/resgen/last.pt -> samples.png
     python sample.py --ckpt runs/resgen/last.pt --n 64 --steps 16 --cfg 3 --out samples.png
     python sample.py --ckpt runs/resgen_xl/last.pt --n 50000 --batch-size 256 --npz samples.npz   # ADM evaluator
+
+    # prompted: keep part of real test images' codes, regenerate the rest (one picture: originals, kept, completions)
+    python sample.py --inpaint bottom --n 10 --out inpaint.png      # keep the top half, regenerate the bottom
+    python sample.py --keep-depth 1 --n 10 --out redetail.png       # keep depth 1 everywhere, regenerate depths 2..D
+
+    # a model trained on a cache that carries its own codebooks (no tokenizer): codes only
+    python sample.py --ckpt runs/resgen_audio/last.pt --n 16 --codes-out samples.npy
 
 The PNG grid has one row per class (class-balanced, or the labels given by --classes).
 """
@@ -18,8 +25,8 @@ import numpy as np
 import torch
 
 from resgen import load_resgen
-from tokenizer import (UserError, check_writable_dir, default_device, file_hash, load_tokenizer, parse_device,
-                       run_cli, save_grid)
+from tokenizer import (UserError, check_writable_dir, default_device, file_hash, load_code_cache, load_tokenizer,
+                       parse_device, real_images, run_cli, save_grid, save_npy, spread_indices, to_float, to_uint8)
 
 # Sampler defaults, shared by sample.py and eval_fid.py (the paper's Fig. 3 knobs).
 SAMPLER_DEFAULTS = dict(steps=16, cfg=1.0, cfg_schedule="constant", top_p=1.0, temperature=1.0, choice_temperature=1.0)
@@ -39,6 +46,12 @@ def add_sampler_args(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=default_device())
+    p.add_argument("--classes", default=None, help="comma-separated class labels, cycled (default: balanced; with a "
+                   "prompt, the real images' labels); 'null' is the null class (unconditional)")
+    p.add_argument("--inpaint", default=None, choices=INPAINT_REGIONS,
+                   help="prompted: keep real images' codes except in this region, and regenerate it")
+    p.add_argument("--keep-depth", type=int, default=0,
+                   help="prompted: keep depths 1..d of real images' codes, regenerate the finer depths")
 
 
 def sampler_kwargs(args):
@@ -58,11 +71,17 @@ def sampler_kwargs(args):
     return {k: getattr(args, k) for k in SAMPLER_DEFAULTS}
 
 
-def load_for_sampling(ckpt, tokenizer=None, device="cpu"):
-    """(ResGen with EMA weights, Tokenizer) on `device`; the tokenizer must be the one that made the codes."""
+def load_for_sampling(ckpt, tokenizer=None, device="cpu", decoder=True):
+    """(ResGen with EMA weights, Tokenizer) on `device`; the tokenizer must be the one that made the codes.
+    decoder=False: the tokenizer is optional (None when neither given nor named by the checkpoint): codes only."""
     model = load_resgen(ckpt, ema=True, device=device)
     path = tokenizer or model.meta.get("tokenizer")
-    if not path or not os.path.isfile(path):
+    if not path and not decoder:
+        return model, None
+    if not path:
+        raise UserError(f"{ckpt} was trained on codes with their own codebooks and names no tokenizer to decode "
+                        f"pictures: pass --tokenizer, or write the codes with --codes-out FILE.npy")
+    if not os.path.isfile(path):
         raise UserError(f"tokenizer checkpoint {path!r} named by {ckpt} was not found; pass --tokenizer")
     want = model.meta.get("tokenizer_hash")
     if want and file_hash(path) != want:
@@ -77,40 +96,152 @@ def load_for_sampling(ckpt, tokenizer=None, device="cpu"):
 
 
 @torch.no_grad()
-def generate_images(model, tok, labels, batch_size=64, seed=0, device=None, progress=False, **sampler):
-    """Generate one image per label: ResGen codes (B, L, D) -> code grid (B, h, w, D) -> decoder.
+def generate_codes(model, labels, batch_size=64, seed=0, device=None, progress=False, prompt_codes=None,
+                   prompt_mask=None, **sampler):
+    """Generate one code grid per label, batch by batch: codes (N, L, D) int64 on the CPU.
 
-    labels: (N,) int64 tensor. Returns uint8 (N, H, W, C). Batch b uses seed + b, so results do not depend on
-    what else was sampled before. The one generation function of the project (eval_fid.py reuses it).
+    labels: (N,) int64 tensor. prompt_codes (N, L, D) / prompt_mask (N, L, D) bool: prompted generation (the
+    given tokens are kept). Batch b uses seed + b, so results do not depend on what else was sampled before.
+    The one generation loop of the project (generate_images, the prompted commands and eval_fid.py use it).
     """
-    from tokenizer import to_uint8
     device = torch.device(device) if device is not None else next(model.parameters()).device
     kwargs = {**SAMPLER_DEFAULTS, **sampler}
-    g = tok.cfg.grid
     out, t0 = [], time.time()
     for b, i in enumerate(range(0, len(labels), batch_size)):
         y = labels[i:i + batch_size].to(device)
+        if prompt_codes is not None:
+            kwargs.update(prompt_codes=prompt_codes[i:i + batch_size].to(device),
+                          prompt_mask=prompt_mask[i:i + batch_size].to(device))
         gen = torch.Generator(device=device).manual_seed(seed + b)
-        codes = model.generate(y, generator=gen, **kwargs)  # (B, L, D)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            images = tok.decode(codes.view(len(y), g, g, -1))
-        out.append(to_uint8(images))
+        out.append(model.generate(y, generator=gen, **kwargs).cpu())  # (B, L, D)
         if progress:
             n = i + len(y)
             print(f"sampled {n}/{len(labels)} ({n / (time.time() - t0):.1f} images/s)", file=sys.stderr, flush=True)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def decode_codes(tok, codes, batch_size=64, given=None):
+    """Codes (N, L, D) -> uint8 images (N, H, W, C) through the tokenizer's decoder.
+
+    given (N, L, D) bool: decode only the given tokens, and paint gray the positions where none is given (their
+    latent would be 0): the picture of what a prompt keeps."""
+    device = tok.scale.device
+    g = tok.cfg.grid
+    out = []
+    for i in range(0, len(codes), batch_size):
+        c = codes[i:i + batch_size].to(device).view(-1, g, g, codes.shape[-1])  # (B, h, w, D)
+        m = None if given is None else given[i:i + batch_size].to(device).view(c.shape)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            images = tok.decode(c, m)  # (B, C, H, W)
+        if m is not None:  # positions with nothing kept, blown up to their pixels
+            empty = ~m.any(-1)  # (B, h, w)
+            f = images.shape[-1] // g
+            empty = empty.repeat_interleave(f, 1).repeat_interleave(f, 2).unsqueeze(1)  # (B, 1, H, W)
+            images = images.masked_fill(empty, 0.0)  # 0 in [-1, 1] is mid gray
+        out.append(to_uint8(images))
     return np.concatenate(out)
 
 
+def generate_images(model, tok, labels, batch_size=64, seed=0, device=None, progress=False, **sampler):
+    """Generate one image per label: ResGen codes (N, L, D) -> code grid (N, h, w, D) -> decoder.
+    labels: (N,) int64 tensor. Returns uint8 (N, H, W, C) (eval_fid.py and train.py reuse it)."""
+    codes = generate_codes(model, labels, batch_size, seed, device, progress, **sampler)
+    return decode_codes(tok, codes, batch_size)
+
+
+#################################################################################
+#                Prompted generation: inpainting and re-detailing               #
+#################################################################################
+# A prompt keeps some tokens of real codes and the sampler generates the rest (ResGen.generate's prompt_codes /
+# prompt_mask). Masked modelling over RVQ tokens makes two edits natural: inpainting (keep every depth outside a
+# region) and re-detailing (keep the coarse depths 1..d everywhere and generate the fine ones: same content, new
+# detail). The two combine: outside the region every depth is kept, inside it depths 1..d.
+
+INPAINT_REGIONS = ("top", "bottom", "left", "right", "centre", "border")
+
+
+def region_mask(grid, region):
+    """The positions of `region` on a grid (h, w), or on a sequence (L,) laid out as one row (so `right` is
+    its second half: continuation). Returns (h·w,) bool, True = in the region."""
+    h, w = grid if len(grid) == 2 else (1, grid[0])
+    r = torch.arange(h).view(h, 1).expand(h, w)
+    c = torch.arange(w).view(1, w).expand(h, w)
+    centre = (r >= h // 4) & (r < h - h // 4) & (c >= w // 4) & (c < w - w // 4)
+    regions = {"top": r < h // 2, "bottom": r >= h // 2, "left": c < w // 2, "right": c >= w // 2,
+               "centre": centre, "border": ~centre}
+    return regions[region].flatten()
+
+
+def prompt_mask(grid, depth, inpaint=None, keep_depth=0):
+    """Which tokens a prompt keeps: every depth outside the `inpaint` region, depths 1..keep_depth inside it (and
+    everywhere when there is no region). grid: [h, w] or [L]. Returns (L, D) bool, True = kept; at every position
+    a prefix of depths, as ResGen.generate requires."""
+    if not 0 <= keep_depth < depth:
+        raise UserError(f"--keep-depth must be in 0..{depth - 1} (the model's codes have {depth} depths; "
+                        f"keeping all of them leaves nothing to generate), got {keep_depth}")
+    region = region_mask(grid, inpaint) if inpaint else torch.ones(int(np.prod(grid)), dtype=torch.bool)
+    kept = ~region.unsqueeze(-1) | (torch.arange(depth) < keep_depth)  # (L, D)
+    if not region.any() or bool(kept.all()):
+        raise UserError(f"--inpaint {inpaint} covers no position of a {list(grid)} grid: nothing to generate")
+    if not kept.any():
+        raise UserError(f"--inpaint {inpaint} covers every position of a {list(grid)} grid and --keep-depth is 0: "
+                        f"nothing is kept (plain sampling needs no prompt)")
+    return kept
+
+
+def real_prompts(data, tok, n, split="test", data_dir=None):
+    """The codes of n real items spread over `data`, to prompt with: a code cache folder (codes as they are), or
+    images ('fashion_mnist' or an image folder, its `split`) encoded with the tokenizer.
+    Returns (codes (n, L, D) int64, labels (n,) int64, images uint8 (n, H, W, C) or None for a cache)."""
+    if os.path.isfile(os.path.join(data, "codes.npy")):
+        codes, labels, _ = load_code_cache(data)
+        idx = spread_indices(len(codes), n)
+        x = torch.from_numpy(np.asarray(codes[idx]).astype(np.int64))
+        return x.reshape(len(idx), -1, x.shape[-1]), torch.from_numpy(np.asarray(labels[idx]).astype(np.int64)), None
+    if tok is None:
+        raise UserError(f"prompts from the images of {data} need the tokenizer to encode them: pass --tokenizer")
+    images, labels, _ = real_images(data, split, n, data_dir, tok.cfg.image_size)
+    if images.shape[-1] != tok.cfg.channels:
+        raise UserError(f"{data} images have {images.shape[-1]} channels; the tokenizer expects {tok.cfg.channels}")
+    device = tok.scale.device
+    codes = torch.cat([tok.encode(to_float(images[i:i + 256]).to(device)).cpu() for i in range(0, len(images), 256)])
+    return codes.flatten(1, 2), torch.from_numpy(labels), images  # (n, L, D)
+
+
+def complete_real_items(model, tok, data, n, inpaint=None, keep_depth=0, classes=None, batch_size=64, seed=0,
+                        device=None, progress=False, data_dir=None, **sampler):
+    """Prompted generation on real items: keep what `prompt_mask` says of the codes of n real items of `data`
+    (`real_prompts`) and generate the rest, conditioned on the items' own labels (or on --classes).
+
+    Returns a dict: codes (n, L, D) completions, real (n, L, D) the items' codes, given (n, L, D) bool the kept
+    tokens, labels (n,) the items' labels, originals uint8 images (None for a code cache)."""
+    c = model.config
+    kept = prompt_mask(model.meta.get("grid", [c.length]), c.depth, inpaint, keep_depth)  # (L, D)
+    real, labels, originals = real_prompts(data, tok, n, data_dir=data_dir)
+    given = kept.expand(len(real), -1, -1)
+    cond = class_labels(len(real), c.num_classes, classes) if classes else labels
+    codes = generate_codes(model, cond, batch_size, seed, device, progress, prompt_codes=real, prompt_mask=given,
+                           **sampler)
+    return {"codes": codes, "real": real, "given": given, "labels": labels, "originals": originals}
+
+
+def prompt_picture(originals, kept, completions, path):
+    """One PNG: a row of originals, a row of what the prompt kept, a row of completions (one column each)."""
+    save_grid(np.concatenate([originals, kept, completions]), path, nrow=len(originals))
+
+
 def class_labels(n, num_classes, classes=None):
-    """Class-balanced labels sorted by class (or --classes cycled to n). Returns an int64 tensor (n,)."""
+    """Class-balanced labels sorted by class (or --classes cycled to n; 'null' is the null class, num_classes:
+    unconditional). Returns an int64 tensor (n,)."""
     if classes:
         try:
-            base = [int(c) for c in classes.split(",")]
+            base = [num_classes if c.strip() == "null" else int(c) for c in classes.split(",")]
         except ValueError:
-            raise UserError(f"--classes must be comma-separated integers (got {classes!r})")
-        bad = [c for c in base if not 0 <= c < num_classes]
+            raise UserError(f"--classes must be comma-separated integers or 'null' (got {classes!r})")
+        bad = [c for c in base if not 0 <= c <= num_classes]
         if bad:
-            raise UserError(f"--classes {bad} outside 0..{num_classes - 1}")
+            raise UserError(f"--classes {bad} outside 0..{num_classes - 1} (or null)")
         return torch.tensor([base[i % len(base)] for i in range(n)], dtype=torch.long)
     return torch.arange(n, dtype=torch.long) * max(1, num_classes) // n
 
@@ -128,37 +259,67 @@ def grid_by_class(images, labels):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Sample a PNG grid (and an ADM-style .npz) from a ResGen checkpoint.")
+    p = argparse.ArgumentParser(description="Sample a PNG grid (and an ADM-style .npz, or the codes) from a ResGen "
+                                            "checkpoint; with --inpaint / --keep-depth, complete real items' codes.")
     p.add_argument("--ckpt", default="runs/resgen/last.pt")
     p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: the one named in the checkpoint)")
-    p.add_argument("--n", type=int, default=64, help="number of images")
-    p.add_argument("--classes", default=None, help="comma-separated class labels, cycled to --n (default: balanced)")
-    p.add_argument("--out", default="samples.png")
+    p.add_argument("--n", type=int, default=64, help="number of samples (prompted: of real items, one completion each)")
+    p.add_argument("--out", default=None, help="the PNG (default samples.png; none when only --codes-out is given)")
     p.add_argument("--npz", default=None, help="also write uint8 arr_0 (N, H, W, 3) for the ADM evaluator")
+    p.add_argument("--codes-out", default=None,
+                   help="write the generated codes, uint16 (N, h, w, D) or (N, L, D) .npy (needs no decoder)")
+    p.add_argument("--data", default=None, help="prompted: the real items, 'fashion_mnist' or an image folder (its "
+                   "test split), or a code cache (default: the data the checkpoint was trained on)")
     add_sampler_args(p)
     args = p.parse_args(argv)
     if args.n < 1:
         raise UserError(f"--n must be >= 1 (got {args.n})")
     kwargs = sampler_kwargs(args)
     device = parse_device(args.device)
-    for path in filter(None, (args.out, args.npz)):
+    out = args.out or (None if args.codes_out else "samples.png")
+    if args.codes_out and not args.codes_out.endswith(".npy"):
+        raise UserError(f"--codes-out must name a .npy file (got {args.codes_out})")
+    for path in filter(None, (out, args.npz, args.codes_out)):
         check_writable_dir(os.path.dirname(os.path.abspath(path)))
-    model, tok = load_for_sampling(args.ckpt, args.tokenizer, device)
-    labels = class_labels(args.n, model.config.num_classes, args.classes)
+    model, tok = load_for_sampling(args.ckpt, args.tokenizer, device, decoder=bool(out or args.npz))
+    grid, D = model.meta.get("grid", [model.config.length]), model.config.depth
+    prompted = args.inpaint is not None or args.keep_depth != 0
     t0 = time.time()
-    images = generate_images(model, tok, labels, batch_size=args.batch_size, seed=args.seed, device=device,
-                             progress=True, **kwargs)
+    if prompted:
+        prompt_mask(grid, D, args.inpaint, args.keep_depth)  # bad flags fail before any data is read
+        data = args.data or model.meta.get("data")
+        if not data:
+            raise UserError(f"--inpaint / --keep-depth prompt with real items: {args.ckpt} names no data, pass --data")
+        done = complete_real_items(model, tok, data, args.n, args.inpaint, args.keep_depth, args.classes,
+                                   args.batch_size, args.seed, device, True, **kwargs)
+        codes, truth = done["codes"], done["labels"]
+    else:
+        labels = class_labels(args.n, model.config.num_classes, args.classes)
+        codes = generate_codes(model, labels, args.batch_size, args.seed, device, True, **kwargs)
+        truth = labels if int(labels.max()) < model.config.num_classes else None  # the null class has none
     dt = time.time() - t0
-    cells, per_row = grid_by_class(images, labels)
-    save_grid(cells, args.out, nrow=per_row)
-    print(f"wrote {args.out}: {args.n} samples in {dt:.1f} s ({args.n / dt:.2f} images/s), step {model.step}, "
-          + ", ".join(f"{k}={v}" for k, v in kwargs.items()))
+    what = f"{len(codes)} {'completions' if prompted else 'samples'} in {dt:.1f} s ({len(codes) / dt:.2f}/s)"
+    settings = f"step {model.step}, " + ", ".join(f"{k}={v}" for k, v in kwargs.items())
+    images = decode_codes(tok, codes, args.batch_size) if tok is not None and (out or args.npz) else None
+    if out and prompted:
+        real = done["real"]
+        originals = done["originals"] if done["originals"] is not None else decode_codes(tok, real, args.batch_size)
+        prompt_picture(originals, decode_codes(tok, real, args.batch_size, given=done["given"]), images, out)
+        print(f"wrote {out} (rows: originals, kept, completions): {what}, {settings}")
+    elif out:
+        cells, per_row = grid_by_class(images, labels)
+        save_grid(cells, out, nrow=per_row)
+        print(f"wrote {out}: {what}, {settings}")
     if args.npz:
         rgb = images if images.shape[-1] == 3 else np.repeat(images, 3, axis=-1)
         tmp = args.npz + ".tmp.npz"
-        np.savez(tmp, arr_0=rgb, arr_1=labels.numpy())  # arr_1: class labels, as in ADM's class-conditional files
+        # arr_1: the class each image should show, as in ADM's class-conditional files (a prompt's: its item's)
+        np.savez(tmp, arr_0=rgb, **({} if truth is None else {"arr_1": truth.numpy()}))
         os.replace(tmp, args.npz if args.npz.endswith(".npz") else args.npz + ".npz")
-        print(f"wrote {args.npz}: arr_0 {rgb.shape} uint8, arr_1 labels")
+        print(f"wrote {args.npz}: arr_0 {rgb.shape} uint8" + ("" if truth is None else ", arr_1 labels"))
+    if args.codes_out:
+        save_npy(args.codes_out, codes.view(len(codes), *grid, D).numpy(), np.uint16)
+        print(f"wrote {args.codes_out}: uint16 {(len(codes), *grid, D)} codes: {what}, {settings}")
 
 
 if __name__ == "__main__":

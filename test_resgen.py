@@ -1035,6 +1035,219 @@ def test_bad_inputs_give_one_clear_line(code_cache, tiny_tokenizer, tmp_path):
 
 
 #################################################################################
+#     Prompted generation, caches that carry their codebooks, colour folders      #
+#################################################################################
+
+def synthetic_rvq(n, grid, D=3, V=16, c=4, classes=3, seed=0):
+    """Codes of a synthetic RVQ, no tokenizer: random codebooks (coarse to fine), class-dependent latents
+    quantized greedily. Returns (codes int64 (n, *grid, D), labels (n,), codebooks float32 (D, V, c)) numpy."""
+    g = torch.Generator().manual_seed(seed)
+    rvq = T.RVQ(D, V, c)
+    rvq.weight.copy_(random_codebooks(D, V, c, seed))
+    labels = torch.randint(0, classes, (n,), generator=g)
+    z = torch.randn(classes, *grid, c, generator=g)[labels] + 0.3 * torch.randn(n, *grid, c, generator=g)
+    return rvq.quantize(z).numpy(), labels.numpy(), rvq.codebooks.numpy().copy()
+
+
+@pytest.mark.parametrize("grid", [(5, 5), (10,)])
+def test_save_code_cache_round_trip(tmp_path, grid):
+    """save_code_cache (codes of any RVQ tokenizer; a memory-mapped input) -> load_code_cache gives back the
+    codes, labels and codebooks; meta.json records the latent scale (1 / std of the quantized latents), no tokenizer."""
+    codes, labels, cb = synthetic_rvq(40, grid)
+    np.save(tmp_path / "in.npy", codes)
+    meta = T.save_code_cache(str(tmp_path / "c"), np.load(tmp_path / "in.npy", mmap_mode="r"), labels, cb)
+    got, got_labels, got_meta = T.load_code_cache(str(tmp_path / "c"))
+    assert got.dtype == np.uint16 and np.array_equal(got, codes) and np.array_equal(got_labels, labels)
+    assert got_meta == meta and meta["grid"] == list(grid) and "tokenizer" not in meta and meta["num_classes"] == 3
+    assert torch.equal(T.load_cache_codebooks(str(tmp_path / "c"), meta), torch.from_numpy(cb))
+    zq = F_embed_sum(codes, cb)
+    assert abs(meta["latent_scale"] * zq.std() - 1) < 1e-6
+    assert T.save_code_cache(str(tmp_path / "d"), codes, None, cb, latent_scale=2.0)["num_classes"] == 1
+
+
+def F_embed_sum(codes, cb):
+    """Σ_j e(x_j; j) for numpy codes (..., D) and codebooks (D, V, c), in float64."""
+    return sum(cb[j][codes[..., j]].astype(np.float64) for j in range(cb.shape[0]))
+
+
+def test_save_code_cache_rejects_bad_input(tmp_path):
+    """Each bad input is one UserError, raised before anything is written."""
+    codes, labels, cb = synthetic_rvq(12, (4,))
+    big, neg = codes.copy(), codes.copy()
+    big[0, 0, 0], neg[1, 2, 1] = 16, -1
+    nan = cb.copy()
+    nan[0, 0, 0] = np.nan
+    cases = [((big, labels, cb), "0..15"), ((neg, labels, cb), "0..15"), ((codes.astype(np.float32), labels, cb), "integers"),
+             ((codes[..., :2], labels, cb), "depth 3"), ((codes, labels, cb[0]), r"\(D, V, c\)"), ((codes, labels, nan), "finite"),
+             ((codes, labels[:5], cb), "labels"), ((codes, -labels - 1, cb), "labels"), ((codes[:0], labels[:0], cb), "integers")]
+    for args, match in cases:
+        with pytest.raises(UserError, match=match):
+            T.save_code_cache(str(tmp_path / "out"), *args)
+    with pytest.raises(UserError, match="num_classes"):
+        T.save_code_cache(str(tmp_path / "out"), codes, labels, cb, num_classes=2)
+    with pytest.raises(UserError, match="latent_scale"):
+        T.save_code_cache(str(tmp_path / "out"), codes, labels, cb, latent_scale=0.0)
+    assert not (tmp_path / "out").exists()
+
+
+def run_main(script, *args):
+    """A script's main(argv) in this process: the command line without the interpreter's start-up (seconds on a
+    busy machine). run_cmd checks the real command lines (exit status, one-line errors)."""
+    import importlib
+    importlib.import_module(script.removesuffix(".py")).main([str(a) for a in args])
+
+
+@pytest.mark.parametrize("grid", [(4, 4), (10,)])
+def test_cache_with_codebooks_trains_and_samples_codes(tmp_path, grid):
+    """A synthetic RVQ's cache (no tokenizer), as image grids and as 1-D sequences (L = 10, not a square):
+    train.py trains on it, sample.py writes codes with --codes-out (pictures need a decoder: one clear error),
+    and a prompt from the cache keeps its tokens (--inpaint right: continuation of a sequence)."""
+    codes, labels, cb = synthetic_rvq(64, grid)
+    cache = tmp_path / "cache"
+    T.save_code_cache(str(cache), codes, labels, cb)
+    out = tmp_path / "rg"
+    run_main(*train_args(cache, out, 4))
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in read_log(out))
+    model = resgen.load_resgen(str(out / "last.pt"))
+    torch.testing.assert_close(model.codebooks, torch.from_numpy(cb) * model.meta["latent_scale"])
+    ckpt = str(out / "last.pt")
+    run_main("sample.py", "--ckpt", ckpt, "--n", "5", "--steps", "3", "--cfg", "2", "--codes-out",
+             tmp_path / "s.npy", "--device", "cpu")
+    s = np.load(tmp_path / "s.npy")
+    assert s.shape == (5, *grid, 3) and s.dtype == np.uint16 and s.max() < 16
+    if len(grid) == 1:
+        assert_clean_error(run_cmd("sample.py", "--ckpt", ckpt, "--n", "2", "--device", "cpu", check=False))
+    run_main("sample.py", "--ckpt", ckpt, "--n", "5", "--steps", "3", "--inpaint", "right", "--data", cache,
+             "--codes-out", tmp_path / "p.npy", "--device", "cpu")
+    p, real = np.load(tmp_path / "p.npy"), codes[T.spread_indices(64, 5)]
+    keep = slice(0, grid[-1] // 2)  # the left half of every row (the start of a sequence) is given
+    assert np.array_equal(p[..., keep, :], real[..., keep, :]) and p.max() < 16
+
+
+def test_prompted_and_cache_bad_inputs(tmp_path):
+    """Bad prompts and bad caches: one UserError each (one 'error:' line on the command line), nothing overwritten."""
+    import json as js
+    import shutil
+    codes, labels, cb = synthetic_rvq(32, (10,))
+    cache, other = tmp_path / "cache", tmp_path / "other"
+    T.save_code_cache(str(cache), codes, labels, cb)
+    T.save_code_cache(str(other), codes, labels, cb * 2)  # the same codes from other codebooks
+    out = tmp_path / "rg"
+    run_main(*train_args(cache, out, 2))
+    ckpt = out / "last.pt"
+    before = ckpt.read_bytes()
+
+    def broken(name, edit):
+        d = tmp_path / name
+        shutil.copytree(cache, d)
+        edit(d)
+        return d
+
+    def meta_edit(**kw):
+        def edit(d):
+            meta = js.loads((d / "meta.json").read_text())
+            meta.update(kw)
+            (d / "meta.json").write_text(js.dumps({k: v for k, v in meta.items() if v is not None}))
+        return edit
+
+    bad_shape = broken("bad_shape", lambda d: np.save(d / "codebooks.npy", np.zeros((3, 17, 4), np.float32)))
+    no_books = broken("no_books", lambda d: os.unlink(d / "codebooks.npy"))
+    bad_grid = broken("bad_grid", meta_edit(grid=[3, 3]))
+    short = tmp_path / "short"
+    T.save_code_cache(str(short), codes[:, :8], labels, cb)  # 8 positions: not this model's L = 10
+    sample_cases = [(("--keep-depth", "3"), "keep-depth"), (("--keep-depth", "-1"), "keep-depth"),
+                    (("--inpaint", "top", "--data", cache), "covers no position"), (("--inpaint", "right"), "--data"),
+                    (("--inpaint", "right", "--data", short), "shape"), (("--classes", "9"), "classes"),
+                    (("--codes-out", tmp_path / "x.txt"), ".npy")]
+    for flags, match in sample_cases:
+        with pytest.raises(UserError, match=match):
+            run_main("sample.py", "--ckpt", ckpt, "--n", "2", "--steps", "2", "--codes-out", tmp_path / "c.npy", *flags)
+    for data, match in ((bad_shape, r"codebooks.npy holds .*\(3, 17, 4\)"), (no_books, "tokenizer_hash"),
+                        (bad_grid, "grid"), (other, "codebooks")):
+        with pytest.raises(UserError, match=match):
+            run_main(*train_args(data, out, 4))
+    assert ckpt.read_bytes() == before and not (tmp_path / "c.npy").exists()
+    assert_clean_error(run_cmd("sample.py", "--ckpt", str(ckpt), "--keep-depth", "3", "--codes-out",
+                               str(tmp_path / "c.npy"), "--device", "cpu", check=False))
+
+
+def test_prompt_mask_regions_and_depths():
+    """prompt_mask: a prefix of depths at every position; opposite regions split the grid; keep_depth keeps
+    the coarse depths inside the region; bad values are one clear error."""
+    import sample
+    for grid in ([8, 8], [7, 5], [10]):
+        L = int(np.prod(grid))
+        regions = {r: sample.region_mask(grid, r) for r in sample.INPAINT_REGIONS if len(grid) == 2 or r in
+                   ("left", "right", "centre", "border")}
+        for a, b in (("top", "bottom"), ("left", "right"), ("centre", "border")):
+            if a in regions:
+                assert bool((regions[a] ^ regions[b]).all())  # a partition of the positions
+        for region in regions:
+            for d in range(3):
+                kept = sample.prompt_mask(grid, 3, region, d)
+                assert kept.shape == (L, 3) and is_suffix(~kept)
+                assert torch.equal(kept[~regions[region]], torch.ones(int((~regions[region]).sum()), 3, dtype=torch.bool))
+                assert bool((kept[regions[region]] == (torch.arange(3) < d)).all())
+    assert sample.prompt_mask([4, 4], 3, None, 2).sum().item() == 16 * 2
+    for args in (([4, 4], 3, None, 3), ([4, 4], 3, None, -1), ([10], 3, "top", 0), ([10], 3, "bottom", 0)):
+        with pytest.raises(UserError):
+            sample.prompt_mask(*args)
+
+
+@needs_fmnist
+def test_prompted_commands_on_fashion_mnist(code_cache, tiny_tokenizer, tmp_path):
+    """sample.py --inpaint / --keep-depth on real test images: one picture (originals, kept, completions) and
+    completions whose kept tokens are the real images' codes, bitwise; eval_fid.py scores completions with PSNR."""
+    out = tmp_path / "rg"
+    run_main(*train_args(code_cache, out, 2))
+    ckpt = str(out / "last.pt")
+    tok = T.load_tokenizer(str(tiny_tokenizer))
+    images, _, _ = T.real_images("fashion_mnist", "test", 4)
+    real = tok.encode(T.to_float(images)).numpy()  # (4, 8, 8, 3)
+    for flags, kept in ((("--inpaint", "bottom"), (slice(0, 4), slice(None), slice(None))),
+                        (("--keep-depth", "2"), (slice(None), slice(None), slice(0, 2)))):
+        png, npy = tmp_path / "p.png", tmp_path / "p.npy"
+        run_main("sample.py", "--ckpt", ckpt, "--n", "4", "--steps", "3", "--cfg", "2", *flags, "--out", png,
+                 "--codes-out", npy, "--device", "cpu")
+        from PIL import Image
+        assert Image.open(png).size == (4 * 34 + 2, 3 * 34 + 2)  # 4 columns, 3 rows of 32-pixel cells
+        got = np.load(npy).astype(np.int64)
+        assert got.shape == real.shape and np.array_equal(got[(slice(None),) + kept], real[(slice(None),) + kept])
+    prompt = eval_fid.evaluate(eval_fid.build_parser().parse_args(
+        ["--ckpt", ckpt, "--n", "6", "--steps", "3", "--keep-depth", "1", "--no-fid", "--device", "cpu"]))["prompt"]
+    assert prompt["keep_depth"] == 1 and abs(prompt["kept_fraction"] - 1 / 3) < 1e-3
+    assert all(np.isfinite(prompt[k]) for k in ("psnr_vs_real", "psnr_vs_recon", "psnr_recon_vs_real", "psnr_kept_vs_real"))
+
+
+def test_colour_image_folder_end_to_end(tmp_path):
+    """A folder of 64x64 colour images through README's commands: the tokenizer takes its channels from the
+    images and its grid from --grid; codes -> train -> samples and a prompted picture, in colour."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for ci, cls in enumerate(["red", "green"]):
+        os.makedirs(tmp_path / "data" / cls)
+        for i in range(6):
+            im = rng.integers(0, 60, (64, 64, 3)).astype(np.uint8)
+            im[16:48, 16:48, ci] = 200
+            Image.fromarray(im).save(tmp_path / "data" / cls / f"{i}.png")
+    data, tok = str(tmp_path / "data"), tmp_path / "tok"
+    run_main("tokenizer.py", "train", "--data", data, "--image-size", "64", "--grid", "8", "--out", tok,
+             "--steps", "2", "--batch-size", "8", "--depth", "3", "--codebook-size", "16", "--device", "cpu")
+    cfg = T.load_tokenizer(str(tok / "last.pt")).cfg
+    assert (cfg.channels, cfg.image_size, cfg.grid) == (3, 64, 8)
+    run_main("tokenizer.py", "encode", "--ckpt", tok / "last.pt", "--data", data, "--out", tmp_path / "codes",
+             "--device", "cpu")
+    run_main(*train_args(tmp_path / "codes", tmp_path / "rg", 2))
+    for extra in ((), ("--inpaint", "centre")):
+        run_main("sample.py", "--ckpt", tmp_path / "rg" / "last.pt", "--n", "4", "--steps", "2", *extra,
+                 "--out", tmp_path / "s.png", "--device", "cpu")
+        assert Image.open(tmp_path / "s.png").mode == "RGB"
+    with pytest.raises(UserError, match="--grid 7"):
+        run_main("tokenizer.py", "train", "--data", data, "--image-size", "64", "--grid", "7", "--out", tmp_path / "t7")
+    assert not (tmp_path / "t7").exists()
+
+
+#################################################################################
 #                         eval_fid.py: FID and its inputs                       #
 #################################################################################
 

@@ -356,14 +356,30 @@ class TokenizerConfig:
         return self.image_size // 2 ** self.downsample
 
 
-# Named configurations. Fashion-MNIST 28x28 is zero-padded to 32x32.
+# Named configurations: architectures, with the image format they were made for. `tokenizer.py train` fits them
+# to the data (fit_to_images): channels follow the images, --image-size / --grid set any square size and grid.
+# Fashion-MNIST 28x28 is zero-padded to 32x32.
 CONFIGS = {
     "fmnist": dict(image_size=32, channels=1, base_channels=32, downsample=2, code_dim=16, depth=4, codebook_size=256),
-    "fmnist-4x4": dict(image_size=32, channels=1, base_channels=32, downsample=3, code_dim=32, depth=8, codebook_size=256),
+    "fmnist-4x4": dict(image_size=32, channels=1, base_channels=32, downsample=3, code_dim=32, depth=8,
+                       codebook_size=256),
     # ImageNet 256x256 -> 8x8 grid with D = 16 (PAPER.md §2): five stride-2 stages.
-    "imagenet256": dict(image_size=256, channels=3, base_channels=128, downsample=5, res_blocks=2, full_res_blocks=True, code_dim=256,
-                        depth=16, codebook_size=16384),
+    "imagenet256": dict(image_size=256, channels=3, base_channels=128, downsample=5, res_blocks=2,
+                        full_res_blocks=True, code_dim=256, depth=16, codebook_size=16384),
 }
+
+
+def fit_to_images(config, shape, grid=None):
+    """A named configuration fitted to the data: channels and image size from the images (H, W, C), and as many
+    stride-2 stages as take the image size down to `grid` (default: the configuration's number of stages).
+    A configuration names an architecture; any square image size and channel count work with it."""
+    size, channels = shape[0], shape[-1]
+    grid = grid or size // 2 ** config["downsample"]
+    downsample = int(round(math.log2(size / grid))) if 0 < grid <= size else -1
+    if downsample < 0 or grid * 2 ** downsample != size:
+        raise UserError(f"--grid {grid} does not divide {size}x{size} images by a power of 2 "
+                        f"(try {', '.join(str(size >> k) for k in range(1, 5) if size >> k)})")
+    return {**config, "image_size": size, "channels": channels, "downsample": downsample}
 
 
 class ResBlock(nn.Module):
@@ -450,9 +466,13 @@ class Tokenizer(nn.Module):
         return self.rvq.quantize(self.encode_latent(images))
 
     @torch.no_grad()
-    def decode(self, codes):
-        """Codes (B, h, w, D') -> images (B, C, H, W) in [-1, 1]; D' < D decodes a coarse prefix."""
-        zq = self.rvq.dequantize(codes.to(self.scale.device))
+    def decode(self, codes, given=None):
+        """Codes (B, h, w, D') -> images (B, C, H, W) in [-1, 1]; D' < D decodes a coarse prefix.
+        given (B, h, w, D') bool: decode the sum of only those tokens' embeddings (the part a prompt keeps)."""
+        emb = self.rvq.embed(codes.to(self.scale.device))  # (B, h, w, D', c)
+        if given is not None:
+            emb = emb * given.to(emb.device).unsqueeze(-1)
+        zq = emb.sum(-2)
         return self.decode_latent(zq.to(next(self.decoder.parameters()).dtype)).float().clamp(-1, 1)
 
     def forward(self, images):
@@ -607,6 +627,26 @@ def load_images(data, split="train", data_dir=None, image_size=None, limit=None)
     return images, ds.labels, nc
 
 
+def spread_indices(total, n=None):
+    """min(n, total) indices spread evenly over 0..total-1 (all of them when n is None), int64 numpy."""
+    n = total if n is None else min(n, total)
+    return np.unique(np.linspace(0, total - 1, n).round().astype(np.int64))
+
+
+def real_images(data, split, n=None, data_dir=None, image_size=None):
+    """Up to n real images of a split, spread evenly over the split: (uint8 (n, H, W, C), labels (n,), num_classes).
+
+    Evenly spaced indices, not the first n: image folders are sorted by class, so the first n images
+    would cover only a few classes. Through open_images so that only the chosen files are read.
+    """
+    ds, num_classes = open_images(data, split, data_dir, image_size)
+    idx = spread_indices(len(ds), n)
+    if hasattr(ds, "images"):                                                     # in-memory (Fashion-MNIST)
+        return np.ascontiguousarray(ds.images[idx]), ds.labels[idx], num_classes
+    images = np.stack([ds[int(i)][0].numpy() for i in idx])
+    return images, ds.labels[idx], num_classes
+
+
 def to_float(images):
     """uint8 (N, H, W, C) numpy or tensor -> float (N, C, H, W) in [-1, 1]."""
     x = torch.as_tensor(np.asarray(images)) if not torch.is_tensor(images) else images
@@ -651,7 +691,91 @@ def write_code_cache(out, labels, meta):
     publish(tmp, os.path.join(out, "meta.json"))
 
 
-META_KEYS = ("depth", "codebook_size", "grid", "code_dim", "latent_scale", "num_classes", "tokenizer_hash")
+# A code cache is a folder of: codes.npy (uint16 (N, L, D) or (N, h, w, D)), labels.npy (int64 (N,)) and
+# meta.json (depth, codebook_size, grid, code_dim, latent_scale, num_classes); then either the tokenizer that made
+# the codes (meta.json: tokenizer, tokenizer_hash; `tokenizer.py encode` writes these) or the codebooks themselves,
+# codebooks.npy (float32 (D, V, c), the tokenizer's units; `save_code_cache` writes these, from any RVQ tokenizer).
+META_KEYS = ("depth", "codebook_size", "grid", "code_dim", "latent_scale", "num_classes")
+CODEBOOKS_FILE = "codebooks.npy"
+
+
+def save_npy(path, array, dtype=None):
+    """np.save to path (as `dtype`, default the array's) by atomic rename; the array is copied in chunks of rows,
+    so a memory-mapped input never sits in RAM."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype or array.dtype, shape=array.shape)
+        for i in range(0, len(array), 1 << 16):  # chunks of rows, as in code_range
+            dst[i:i + (1 << 16)] = array[i:i + (1 << 16)]
+        dst.flush()
+        del dst
+        publish(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def code_range(codes, chunk=1 << 16):
+    """(smallest, largest) code of a (memory-mapped) array, read once in chunks of rows: ImageNet-sized caches
+    never sit in RAM."""
+    parts = [(int(np.min(codes[i:i + chunk])), int(np.max(codes[i:i + chunk]))) for i in range(0, len(codes), chunk)]
+    return min(p[0] for p in parts), max(p[1] for p in parts)
+
+
+@torch.no_grad()
+def codes_latent_scale(codes, codebooks, max_rows=10000):
+    """s = 1 / std of the quantized latents Σ_j e(x_j; j) of (up to max_rows evenly spread) code grids, the
+    latent scale of DESIGN.md §4.1 measured on the codes themselves.  codes (N, ..., D), codebooks (D, V, c)."""
+    x = torch.from_numpy(np.asarray(codes[spread_indices(len(codes), max_rows)]).astype(np.int64))
+    D, V, c = codebooks.shape
+    zq = F.embedding(x + torch.arange(D) * V, torch.as_tensor(codebooks).float().reshape(D * V, c)).sum(-2).double()
+    return 1.0 / max(float(zq.std(unbiased=False)), 1e-12)  # as measure_latent_scale: the population std
+
+
+def save_code_cache(out, codes, labels, codebooks, latent_scale=None, num_classes=None):
+    """Write a code cache that carries its own codebooks, from the codes of any RVQ tokenizer (an RQ-VAE, EnCodec,
+    DAC, Mimi, ...). train.py trains on it with no tokenizer checkpoint; sample.py --codes-out samples codes from it.
+
+    codes: ints (N, L, D) (sequences, e.g. audio frames) or (N, h, w, D) (image grids), each in 0..V-1.
+    labels: ints (N,) in 0..num_classes-1, or None (one class: unconditional data).
+    codebooks: float (D, V, c), code v of depth j is codebooks[j, v] (the tokenizer's units; a shared codebook is
+    repeated D times). latent_scale: s, default 1 / std of the quantized latents of the codes (DESIGN.md §4.1).
+    num_classes: default labels.max() + 1. Memory-mapped inputs are copied in chunks.
+    Writes out/codes.npy (uint16), labels.npy (int64), codebooks.npy (float32) and meta.json; returns the meta dict.
+    """
+    codebooks = np.asarray(codebooks)
+    if codebooks.ndim != 3 or not np.issubdtype(codebooks.dtype, np.floating) or not np.isfinite(codebooks).all():
+        raise UserError(f"codebooks must be finite floats of shape (D, V, c), got {codebooks.dtype} {codebooks.shape}")
+    D, V, c = codebooks.shape
+    codes = codes if isinstance(codes, np.ndarray) else np.asarray(codes)  # a memmap stays a memmap
+    if V > 65536:
+        raise UserError(f"codebooks hold {V} codes per depth; code caches store uint16 (at most 65536)")
+    if codes.ndim not in (3, 4) or codes.shape[-1] != D or not np.issubdtype(codes.dtype, np.integer) or not codes.size:
+        raise UserError(f"codes must be integers of shape (N, L, {D}) or (N, h, w, {D}) for codebooks of depth {D}, "
+                        f"got {codes.dtype} {codes.shape}")
+    lo, hi = code_range(codes)
+    if lo < 0 or hi >= V:
+        raise UserError(f"codes must be in 0..{V - 1} (the codebooks hold {V} codes), got {lo}..{hi}")
+    labels = np.zeros(len(codes), np.int64) if labels is None else np.asarray(labels)
+    if labels.shape != (len(codes),) or not np.issubdtype(labels.dtype, np.integer) or labels.min(initial=0) < 0:
+        raise UserError(f"labels must be {len(codes)} non-negative integers, got {labels.dtype} {labels.shape}")
+    num_classes = int(labels.max(initial=0)) + 1 if num_classes is None else int(num_classes)
+    if labels.max(initial=0) >= num_classes:
+        raise UserError(f"labels go up to {int(labels.max())} but num_classes is {num_classes}")
+    if latent_scale is None:
+        latent_scale = codes_latent_scale(codes, codebooks)
+    if not (np.isfinite(latent_scale) and latent_scale > 0):
+        raise UserError(f"latent_scale must be a positive number, got {latent_scale}")
+    check_writable_dir(out)
+    save_npy(os.path.join(out, "codes.npy"), codes, np.uint16)
+    save_npy(os.path.join(out, CODEBOOKS_FILE), codebooks, np.float32)
+    meta = {"depth": D, "codebook_size": V, "grid": list(codes.shape[1:-1]), "code_dim": c,
+            "latent_scale": float(latent_scale), "num_classes": num_classes,
+            "codebooks_hash": file_hash(os.path.join(out, CODEBOOKS_FILE))}
+    write_code_cache(out, labels, meta)
+    return meta
 
 
 def load_code_cache(path):
@@ -661,7 +785,8 @@ def load_code_cache(path):
     files = {n: os.path.join(path, n) for n in ("codes.npy", "labels.npy", "meta.json")}
     for n, p in files.items():
         if not os.path.isfile(p):
-            raise UserError(f"{path} is not a code cache: {n} missing (make one with `python tokenizer.py encode`)")
+            raise UserError(f"{path} is not a code cache: {n} missing (make one with `python tokenizer.py encode` "
+                            f"or tokenizer.save_code_cache)")
     try:
         with open(files["meta.json"]) as f:
             meta = json.load(f)
@@ -670,13 +795,39 @@ def load_code_cache(path):
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read code cache {path}: {e}")
     missing = [k for k in META_KEYS if k not in meta]
+    if "tokenizer_hash" not in meta and not os.path.isfile(os.path.join(path, CODEBOOKS_FILE)):
+        missing.append(f"tokenizer_hash (or a {CODEBOOKS_FILE} beside it)")
     if missing:
         raise UserError(f"{files['meta.json']} lacks {', '.join(missing)}")
     if codes.ndim not in (3, 4) or codes.shape[-1] != meta["depth"]:
-        raise UserError(f"{files['codes.npy']} has shape {codes.shape}; expected (N, L, {meta['depth']}) or (N, h, w, {meta['depth']})")
+        raise UserError(f"{files['codes.npy']} has shape {codes.shape}; expected (N, L, {meta['depth']}) or "
+                        f"(N, h, w, {meta['depth']})")
+    if int(np.prod(meta["grid"])) != int(np.prod(codes.shape[1:-1])):
+        raise UserError(f"{files['codes.npy']} has {int(np.prod(codes.shape[1:-1]))} positions per item but "
+                        f"meta.json's grid {meta['grid']} has {int(np.prod(meta['grid']))}")
     if labels.shape != (codes.shape[0],):
         raise UserError(f"{path}: {codes.shape[0]} code grids but labels of shape {labels.shape}")
     return codes, labels, meta
+
+
+def load_cache_codebooks(path, meta):
+    """The codebooks a code cache carries (codebooks.npy): float32 tensor (D, V, c) in the tokenizer's units, or
+    None when the cache names its tokenizer instead. UserError when the file does not fit meta.json."""
+    file = os.path.join(path, CODEBOOKS_FILE)
+    if not os.path.isfile(file):
+        return None
+    try:
+        codebooks = np.load(file)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {file}: {e}")
+    want = (meta["depth"], meta["codebook_size"], meta["code_dim"])
+    if codebooks.shape != want or not np.issubdtype(codebooks.dtype, np.floating):
+        raise UserError(f"{file} holds {codebooks.dtype} {codebooks.shape}; meta.json says float (D, V, c) = {want}")
+    if not np.isfinite(codebooks).all():
+        raise UserError(f"{file} holds NaN or inf")
+    if meta.get("codebooks_hash") not in (None, file_hash(file)):  # the hash ties checkpoints to these codebooks
+        raise UserError(f"{file} (hash {file_hash(file)}) is not the file meta.json records ({meta['codebooks_hash']})")
+    return torch.from_numpy(codebooks.astype(np.float32))
 
 
 #################################################################################
@@ -752,18 +903,16 @@ def cmd_train(args):
         raise UserError(f"unknown --config {args.config!r} (choose from {', '.join(CONFIGS)})")
     overrides = {k: v for k, v in dict(depth=args.depth, codebook_size=args.codebook_size, code_dim=args.code_dim,
                                        shared_codebook=args.shared_codebook or None).items() if v is not None}
-    cfg = TokenizerConfig(**{**CONFIGS[args.config], **overrides})
-    if cfg.depth < 1 or cfg.codebook_size < 2 or cfg.code_dim < 1:
-        raise UserError(f"--depth must be >= 1, --codebook-size >= 2, --code-dim >= 1 (got {cfg.depth}, {cfg.codebook_size}, {cfg.code_dim})")
-    if cfg.codebook_size > 65536:
+    base = {**CONFIGS[args.config], **overrides}
+    if base["depth"] < 1 or base["codebook_size"] < 2 or base["code_dim"] < 1:
+        raise UserError(f"--depth must be >= 1, --codebook-size >= 2, --code-dim >= 1 (got {base['depth']}, "
+                        f"{base['codebook_size']}, {base['code_dim']})")
+    if base["codebook_size"] > 65536:
         raise UserError("--codebook-size must be <= 65536 (code caches store uint16)")
+    ds, num_classes = open_images(args.data, "train", args.data_dir, args.image_size or base["image_size"], args.limit)
+    cfg = TokenizerConfig(**fit_to_images(base, ds[0][0].shape, args.grid))
     if rank == 0:
         check_writable_dir(args.out)
-    ds, num_classes = open_images(args.data, "train", args.data_dir, args.image_size or cfg.image_size, args.limit)
-    sample = ds[0][0]
-    if sample.shape[0] != cfg.image_size or sample.shape[-1] != cfg.channels:
-        raise UserError(f"--config {args.config} expects {cfg.image_size}x{cfg.image_size}x{cfg.channels} images, "
-                        f"--data gives {tuple(sample.shape)}")
     torch.manual_seed(args.seed)
     tok = Tokenizer(cfg).to(device)
     opt = torch.optim.AdamW(tok.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -906,6 +1055,8 @@ def main(argv=None):
     t.add_argument("--out", default="runs/tokenizer")
     t.add_argument("--config", default="fmnist", help=f"named configuration: {', '.join(CONFIGS)}")
     t.add_argument("--image-size", type=int, default=None, help="resize folder images to this size (default: the config's)")
+    t.add_argument("--grid", type=int, default=None,
+                   help="h = w of the code grid, image size / a power of 2 (default: the config's downsampling)")
     t.add_argument("--depth", type=int, default=None, help="D: RVQ depth (default: the config's)")
     t.add_argument("--codebook-size", type=int, default=None, help="V: codes per codebook (default: the config's)")
     t.add_argument("--code-dim", type=int, default=None, help="c: latent dimension (default: the config's)")
@@ -937,7 +1088,7 @@ def main(argv=None):
     for k in ("steps", "batch_size", "log_every", "ckpt_every", "show"):
         if getattr(args, k, 1) is not None and getattr(args, k, 1) < 1:
             raise UserError(f"--{k.replace('_', '-')} must be >= 1 (got {getattr(args, k)})")
-    for k in ("depth", "codebook_size", "code_dim"):
+    for k in ("depth", "codebook_size", "code_dim", "grid", "image_size"):
         v = getattr(args, k, None)
         if v is not None and v < 1:
             raise UserError(f"--{k.replace('_', '-')} must be >= 1 (got {v})")

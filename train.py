@@ -11,7 +11,9 @@ Train ResGen on a cache of RVQ codes (DESIGN.md §4.2, §4.3, §6, §7).
     torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$MASTER:29500 \
         train.py --data imagenet_latents --model xl --out runs/resgen_xl --batch-size 2048 --lr 8e-4
 
-`--data` is a code cache made by `python tokenizer.py encode` (codes.npy, labels.npy, meta.json).
+`--data` is a code cache: made by `python tokenizer.py encode` (codes.npy, labels.npy, meta.json naming the
+tokenizer), or by `tokenizer.save_code_cache` from the codes of any RVQ tokenizer (the cache then carries its
+codebooks.npy and needs no tokenizer checkpoint). Codes (N, h, w, D) are image grids, (N, L, D) sequences.
 Rerunning the same command resumes from OUT/last.pt: model, EMA, optimiser, step, data position and RNG
 states, so an interrupted run ends where an uninterrupted one would. `--time-limit SECONDS` ends a run early
 with a checkpoint (a job's wall-clock limit); the same command without it, or with a new limit, continues.
@@ -31,20 +33,20 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from resgen import HEADS, SIZES, ResGen, checkpoint_config, make_config, sample_mask
-from tokenizer import (UserError, check_writable_dir, default_device, file_hash, load_checkpoint, load_code_cache,
-                       load_tokenizer, parse_device, run_cli, save_checkpoint, setup_dist, teardown_dist)
+from tokenizer import (UserError, check_writable_dir, code_range, default_device, file_hash, load_cache_codebooks,
+                       load_checkpoint, load_code_cache, load_tokenizer, parse_device, run_cli, save_checkpoint,
+                       setup_dist, teardown_dist)
 
 
 #################################################################################
 #                                Data on cached codes                           #
 #################################################################################
 
-def check_codes_in_range(codes, codebook_size, chunk=1 << 16):
-    """Scan the (memory-mapped) cache once in chunks: a code >= V would index past the codebook."""
-    for i in range(0, len(codes), chunk):
-        hi = int(np.asarray(codes[i:i + chunk]).max())
-        if hi >= codebook_size:
-            raise UserError(f"codes.npy holds code {hi} but meta.json says the codebook has {codebook_size} codes")
+def check_codes_in_range(codes, codebook_size):
+    """Scan the (memory-mapped) cache once: a code >= V would index past the codebook."""
+    hi = code_range(codes)[1]
+    if hi >= codebook_size:
+        raise UserError(f"codes.npy holds code {hi} but meta.json says the codebook has {codebook_size} codes")
 
 
 def batch_indices(step, n, global_batch, seed):
@@ -72,8 +74,12 @@ def load_batch(codes, labels, idx, device):
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
-def codebooks_for(meta, tokenizer_path=None):
-    """The tokenizer's codebooks times the latent scale s: (D, V, c) in the model's (scaled) units."""
+def codebooks_for(data, meta, tokenizer_path=None):
+    """The codebooks times the latent scale s: (D, V, c) in the model's (scaled) units. From the cache's own
+    codebooks.npy when it carries one (codes of any RVQ tokenizer), else from the tokenizer that made the codes."""
+    own = load_cache_codebooks(data, meta)
+    if own is not None:
+        return own * meta["latent_scale"]
     path = tokenizer_path or meta.get("tokenizer")
     if not path or not os.path.isfile(path):
         raise UserError(f"tokenizer checkpoint {path!r} named by the code cache was not found; pass --tokenizer")
@@ -83,6 +89,13 @@ def codebooks_for(meta, tokenizer_path=None):
                         f"(hash {meta['tokenizer_hash']})")
     tok = load_tokenizer(path)
     return tok.rvq.codebooks.detach().clone() * meta["latent_scale"]
+
+
+def codes_origin(meta):
+    """What made a cache's codes, for the resume check: its tokenizer's hash, or its own codebooks' hash."""
+    if meta.get("tokenizer_hash"):
+        return f"tokenizer {meta['tokenizer_hash']}"
+    return f"codebooks {meta.get('codebooks_hash')}"
 
 
 #################################################################################
@@ -161,7 +174,8 @@ def validate(args, world):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Train ResGen on cached RVQ codes.")
-    p.add_argument("--data", default="imagenet_latents", help="code cache folder (tokenizer.py encode)")
+    p.add_argument("--data", default="imagenet_latents",
+                   help="code cache folder (tokenizer.py encode, or tokenizer.save_code_cache)")
     p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: the one named in meta.json)")
     p.add_argument("--out", default="runs/resgen", help="run folder: last.pt, log.jsonl, samples")
     p.add_argument("--model", default="xl", help=f"size: {', '.join(SIZES)} (xl = the paper's 574M)")
@@ -207,10 +221,12 @@ def main(argv=None):
         if asdict(checkpoint_config(ckpt, ckpt_path)) != asdict(config):
             raise UserError(f"{ckpt_path} holds a model {ckpt.get('config')} but these flags and data give "
                             f"{asdict(config)}; use another --out")
-        if ckpt["meta"].get("tokenizer_hash") != meta["tokenizer_hash"]:
-            raise UserError(f"{ckpt_path} was trained on codes of tokenizer {ckpt['meta'].get('tokenizer_hash')}, "
-                            f"--data holds codes of tokenizer {meta['tokenizer_hash']}")
-    codebooks = codebooks_for(meta, args.tokenizer)
+        if codes_origin(ckpt["meta"]) != codes_origin(meta):
+            raise UserError(f"{ckpt_path} was trained on codes of {codes_origin(ckpt['meta'])}, "
+                            f"--data holds codes of {codes_origin(meta)}")
+    codebooks = codebooks_for(args.data, meta, args.tokenizer)
+    if args.sample_every and not (args.tokenizer or meta.get("tokenizer")):
+        raise UserError("--sample-every decodes pictures: this cache names no tokenizer, pass --tokenizer")
     if rank == 0:
         check_writable_dir(args.out)
         for stale in glob.glob(os.path.join(args.out, ".tmp-*")):  # left by a kill during a write
