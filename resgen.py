@@ -625,10 +625,11 @@ class ResGen(nn.Module):
                 raise UserError("unconditional sampling (labels=None) needs batch_size")
             guided = False  # the conditional and null halves would be identical
         else:
-            guided = cfg != 1.0
             if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.null_class):
                 raise UserError(f"labels must be in 0..{self.null_class} ({self.null_class} = unconditional), "
                                 f"got {int(labels.min())}..{int(labels.max())}")
+            # guidance needs a class: all-null labels (unconditional prompts) sample as labels=None does
+            guided = cfg != 1.0 and labels.numel() > 0 and int(labels.min()) < self.null_class
             batch_size = labels.shape[0]
         B = batch_size
         labels = self._labels(labels, B, device)

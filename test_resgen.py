@@ -718,6 +718,17 @@ def test_empty_prompt_is_unprompted_sampling(head):
     assert torch.equal(out[0, :, :2], codes[0, :, :2])
 
 
+def test_null_labels_sample_unguided():
+    """All-null labels (unconditional prompts from the command line) need no guidance: one pass of B rows per
+    step whatever cfg is, and the codes of labels=None."""
+    m = tiny_model(L=6, D=3)
+    seen, handle = count_passes(m)
+    a = m.generate(torch.full((4,), 5), 3, cfg=3.0, generator=torch.Generator().manual_seed(0))
+    handle.remove()
+    assert seen == [4, 4, 4]
+    assert torch.equal(a, m.generate(None, 3, batch_size=4, generator=torch.Generator().manual_seed(0)))
+
+
 def test_prompted_sampler_rejects_bad_prompts():
     """Bad prompts are a UserError (one line on the command line), raised before any forward pass."""
     m = tiny_model(L=4, D=3, V=16)
