@@ -1,11 +1,13 @@
 # make demo : Fashion-MNIST on the CPU: tokenizer -> codes -> ResGen -> samples.png -> metrics
 # make test : the test suite
 # make study: RESULTS.md section 3 on one GPU (after make demo's first two stages): three models, then the FID grid
+# make prompted: RESULTS.md section 5 (after make demo): inpainting and re-detailing pictures and numbers on the demo
+#                model (or PROMPT_CKPT=...), and synthetic RVQ / 1-D code caches trained and sampled end to end
 PY ?= python3
 RUNS ?= runs
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: setup setup-test demo test study clean
+.PHONY: setup setup-test demo test study prompted clean
 
 setup:
 	$(PY) -m pip install --quiet torch==2.13.0
@@ -65,6 +67,68 @@ study: setup
 	for x in "--top-p 0.5" "--top-p 0.8" "--choice-temperature 0" "--choice-temperature 4"; do for r in gpu_mog gpu_tokens; do \
 	  $(PY) eval_fid.py --ckpt $(RUNS)/$$r/last.pt $(STUDY_EVAL) --steps 16 --cfg 3 --temperature 0.7 $$x; done; done; \
 	for tau in 0.4 1.0; do $(PY) eval_fid.py --ckpt $(RUNS)/gpu_mog/last.pt $(STUDY_EVAL) --steps 16 --cfg 3 --temperature $$tau; done
+
+# RESULTS.md section 5. Numbers: one JSON line per run in $(PROMPT_OUT)/prompted.jsonl (eval_fid.py) and the
+# synthetic caches' lines in $(PROMPT_OUT)/codes.txt; pictures: $(PICTURES)/prompted_inpaint.png, prompted_redetail.png.
+PROMPT_CKPT ?= $(RUNS)/resgen/last.pt
+PROMPT_OUT ?= $(RUNS)/prompted
+PROMPT_N ?= 500
+PROMPT_DEPTHS ?= 1 2 3
+PICTURES ?= .
+PROMPT_EVAL = --ckpt $(PROMPT_CKPT) --n $(PROMPT_N) $(SAMPLER) --no-fid --classifier $(RUNS)/classifier.pt \
+  --batch-size 100 --device cpu --json-out $(PROMPT_OUT)/prompted.jsonl
+CODES_TRAIN = --model tiny --steps 1000 --batch-size 32 --lr 1e-3 --warmup 100 --log-every 250 --ckpt-every 1000 --device cpu
+
+# Two caches from a synthetic RVQ, no tokenizer (tokenizer.save_code_cache): random codebooks shrinking with
+# depth, latents = a random mean per class and position + noise, quantized greedily; 8x8 grids and 1-D sequences
+# of 50 positions. D = 4, V = 64, c = 8, 10 classes, 4,000 items each.
+define SYNTHETIC_CACHES
+import sys, numpy as np, torch, tokenizer
+g = torch.Generator().manual_seed(0)
+def rvq_codes(n, grid, D=4, V=64, c=8, classes=10):
+    rvq = tokenizer.RVQ(D, V, c)
+    rvq.weight.copy_(torch.randn(D, V, c, generator=g) * 0.5 ** torch.arange(float(D))[:, None, None])
+    y = torch.randint(0, classes, (n,), generator=g)
+    z = torch.randn(classes, *grid, c, generator=g)[y] + 0.5 * torch.randn(n, *grid, c, generator=g)
+    return rvq.quantize(z).numpy(), y.numpy(), rvq.codebooks.numpy()
+tokenizer.save_code_cache(sys.argv[1] + "/synthetic", *rvq_codes(4000, (8, 8)))
+tokenizer.save_code_cache(sys.argv[1] + "/sequences", *rvq_codes(4000, (50,)))
+endef
+export SYNTHETIC_CACHES
+
+# Did the model learn the class structure? Depth-1 codes that match their class's most common code at that
+# position: real items, samples of that class (sample.py's balanced labels), the same samples against another class.
+define CODE_AGREEMENT
+import sys, numpy as np, tokenizer, sample
+codes, labels, meta = tokenizer.load_code_cache(sys.argv[1])
+first, y = np.asarray(codes)[..., 0].reshape(len(codes), -1), np.asarray(labels)
+K, V = meta["num_classes"], meta["codebook_size"]
+mode = np.stack([np.apply_along_axis(np.bincount, 0, first[y == k], minlength=V).argmax(0) for k in range(K)])
+s = np.load(sys.argv[2]).astype(np.int64)[..., 0].reshape(-1, first.shape[1])
+ys = sample.class_labels(len(s), K).numpy()
+print(f"{sys.argv[1]}: {len(s)} samples {np.load(sys.argv[2]).shape}, codes in range: {bool(s.max() < V)}; depth-1 codes "
+      f"at their class's mode: real {(first == mode[y]).mean():.3f}, samples {(s == mode[ys]).mean():.3f}, "
+      f"samples vs another class {(s == mode[(ys + 1) % K]).mean():.3f}")
+endef
+export CODE_AGREEMENT
+
+prompted: setup
+	@set -e; mkdir -p $(PROMPT_OUT) $(PICTURES); \
+	$(PY) sample.py --ckpt $(PROMPT_CKPT) --inpaint bottom --classes null --n 10 $(SAMPLER) --device cpu \
+	  --out $(PICTURES)/prompted_inpaint.png; \
+	$(PY) sample.py --ckpt $(PROMPT_CKPT) --keep-depth 1 --n 10 $(SAMPLER) --device cpu \
+	  --out $(PICTURES)/prompted_redetail.png; \
+	for r in bottom centre; do \
+	  $(PY) eval_fid.py $(PROMPT_EVAL) --inpaint $$r --classes null; \
+	  $(PY) eval_fid.py $(PROMPT_EVAL) --inpaint $$r; done; \
+	for d in $(PROMPT_DEPTHS); do $(PY) eval_fid.py $(PROMPT_EVAL) --keep-depth $$d; done; \
+	$(PY) -c "$$SYNTHETIC_CACHES" $(PROMPT_OUT); \
+	: > $(PROMPT_OUT)/codes.txt; \
+	for c in synthetic sequences; do \
+	  $(PY) train.py --data $(PROMPT_OUT)/$$c --out $(PROMPT_OUT)/$${c}_run $(CODES_TRAIN); \
+	  $(PY) sample.py --ckpt $(PROMPT_OUT)/$${c}_run/last.pt --n 500 --steps 16 --cfg 3 --batch-size 100 --device cpu \
+	    --codes-out $(PROMPT_OUT)/$${c}_samples.npy; \
+	  $(PY) -c "$$CODE_AGREEMENT" $(PROMPT_OUT)/$$c $(PROMPT_OUT)/$${c}_samples.npy | tee -a $(PROMPT_OUT)/codes.txt; done
 
 test: setup-test
 	$(PY) -m pytest -q test_resgen.py
