@@ -182,7 +182,7 @@ def prompt_mask(grid, depth, inpaint=None, keep_depth=0):
                         f"keeping all of them leaves nothing to generate), got {keep_depth}")
     region = region_mask(grid, inpaint) if inpaint else torch.ones(int(np.prod(grid)), dtype=torch.bool)
     kept = ~region.unsqueeze(-1) | (torch.arange(depth) < keep_depth)  # (L, D)
-    if not region.any() or bool(kept.all()):
+    if not region.any():
         raise UserError(f"--inpaint {inpaint} covers no position of a {list(grid)} grid: nothing to generate")
     if not kept.any():
         raise UserError(f"--inpaint {inpaint} covers every position of a {list(grid)} grid and --keep-depth is 0: "
@@ -297,10 +297,10 @@ def main(argv=None):
         labels = class_labels(args.n, model.config.num_classes, args.classes)
         codes = generate_codes(model, labels, args.batch_size, args.seed, device, True, **kwargs)
         truth = labels if int(labels.max()) < model.config.num_classes else None  # the null class has none
+    images = decode_codes(tok, codes, args.batch_size) if tok is not None and (out or args.npz) else None
     dt = time.time() - t0
     what = f"{len(codes)} {'completions' if prompted else 'samples'} in {dt:.1f} s ({len(codes) / dt:.2f}/s)"
     settings = f"step {model.step}, " + ", ".join(f"{k}={v}" for k, v in kwargs.items())
-    images = decode_codes(tok, codes, args.batch_size) if tok is not None and (out or args.npz) else None
     if out and prompted:
         real = done["real"]
         originals = done["originals"] if done["originals"] is not None else decode_codes(tok, real, args.batch_size)
