@@ -1,7 +1,7 @@
 # make demo : Fashion-MNIST on the CPU: tokenizer -> codes -> ResGen -> samples.png -> metrics
 # make test : the test suite
 # make study: RESULTS.md section 3 on one GPU (after make demo's first two stages): three models, then the FID grid
-# make prompted: RESULTS.md section 5 (after make demo): inpainting and re-detailing pictures and numbers on the demo
+# make prompted: RESULTS.md section 6 (after make demo): inpainting and re-detailing pictures and numbers on the demo
 #                model (or PROMPT_CKPT=...), and synthetic RVQ / 1-D code caches trained and sampled end to end
 PY ?= python3
 RUNS ?= runs
@@ -68,7 +68,7 @@ study: setup
 	  $(PY) eval_fid.py --ckpt $(RUNS)/$$r/last.pt $(STUDY_EVAL) --steps 16 --cfg 3 --temperature 0.7 $$x; done; done; \
 	for tau in 0.4 1.0; do $(PY) eval_fid.py --ckpt $(RUNS)/gpu_mog/last.pt $(STUDY_EVAL) --steps 16 --cfg 3 --temperature $$tau; done
 
-# RESULTS.md section 5. Numbers: one JSON line per run in $(PROMPT_OUT)/prompted.jsonl (eval_fid.py) and the
+# RESULTS.md section 6. Numbers: one JSON line per run in $(PROMPT_OUT)/prompted.jsonl (eval_fid.py) and the
 # synthetic caches' lines in $(PROMPT_OUT)/codes.txt; pictures: $(PICTURES)/prompted_inpaint.png, prompted_redetail.png.
 PROMPT_CKPT ?= $(RUNS)/resgen/last.pt
 PROMPT_OUT ?= $(RUNS)/prompted
