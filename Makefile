@@ -68,8 +68,10 @@ study: setup
 	  $(PY) eval_fid.py --ckpt $(RUNS)/$$r/last.pt $(STUDY_EVAL) --steps 16 --cfg 3 --temperature 0.7 $$x; done; done; \
 	for tau in 0.4 1.0; do $(PY) eval_fid.py --ckpt $(RUNS)/gpu_mog/last.pt $(STUDY_EVAL) --steps 16 --cfg 3 --temperature $$tau; done
 
-# RESULTS.md section 6. Numbers: one JSON line per run in $(PROMPT_OUT)/prompted.jsonl (eval_fid.py) and the
-# synthetic caches' lines in $(PROMPT_OUT)/codes.txt; pictures: $(PICTURES)/prompted_inpaint.png, prompted_redetail.png.
+# RESULTS.md section 6. Numbers: one JSON line per run in $(PROMPT_OUT)/prompted.jsonl (eval_fid.py: completions,
+# then for comparison unprompted samples and the tokenizer's reconstructions of the same PROMPT_N test images) and
+# the synthetic caches' lines in $(PROMPT_OUT)/codes.txt; pictures: $(PICTURES)/prompted_inpaint.png and
+# prompted_redetail.png.
 PROMPT_CKPT ?= $(RUNS)/resgen/last.pt
 PROMPT_OUT ?= $(RUNS)/prompted
 PROMPT_N ?= 500
@@ -122,6 +124,9 @@ prompted: setup
 	  $(PY) eval_fid.py $(PROMPT_EVAL) --inpaint $$r --classes null; \
 	  $(PY) eval_fid.py $(PROMPT_EVAL) --inpaint $$r; done; \
 	for d in $(PROMPT_DEPTHS); do $(PY) eval_fid.py $(PROMPT_EVAL) --keep-depth $$d; done; \
+	$(PY) eval_fid.py $(PROMPT_EVAL); \
+	$(PY) eval_fid.py --ckpt $(RUNS)/tokenizer/last.pt --n $(PROMPT_N) --no-fid --classifier $(RUNS)/classifier.pt \
+	  --batch-size 100 --device cpu --json-out $(PROMPT_OUT)/prompted.jsonl; \
 	$(PY) -c "$$SYNTHETIC_CACHES" $(PROMPT_OUT); \
 	: > $(PROMPT_OUT)/codes.txt; \
 	for c in synthetic sequences; do \
