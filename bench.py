@@ -109,23 +109,35 @@ PEAK_BF16_TFLOPS = [
 #                                 Model FLOPs                                   #
 #################################################################################
 
-def matmul_params(config):
+def head_params(config, sampling=False):
+    """Multiply-adds per position of the head. MoG: its gated-MLP blocks (3C² each), K logits, the shift (c) and
+    log-scale (1), and the means: all K·w (w = r or c) in training, only the drawn component's w in sampling
+    (MoGHead.drawn_means gathers its weights), plus the lift: K·(c·r + r²) in training (the distance trick),
+    c·r in sampling. Tokens: D·V logits."""
+    C, c, K, r = config.width, config.code_dim, config.mixtures, config.mean_rank
+    if config.head != "mog":
+        return C * config.depth * config.codebook_size
+    width = r or c
+    means = width * C + (c * r if r else 0) if sampling else K * width * C + (K * (c * r + r * r) if r else 0)
+    return config.head_layers * 3 * C * C + C * K + C * c + C + means
+
+
+def matmul_params(config, sampling=False):
     """Weights of the matmuls, from the config: (applied per position, applied once per sequence).
 
     Per position: input projection c·C, per block qkv 3C² + attention output C² + MLP 2·mlp_ratio·C², and the
-    head (K(1+S+c)·C for MoG, S = 1 or c log-scales, D·V·C for tokens). Per sequence: the adaLN modulation (6C² per block and 2C² at the
-    output) reads only the class embedding. Embedding tables are lookups, biases are adds: neither counted.
+    head (head_params). Per sequence: the adaLN modulation (6C² per block and 2C² at the output) reads only the
+    class embedding. Embedding tables are lookups, biases are adds: neither counted.
     """
     C, c, layers = config.width, config.code_dim, config.layers
     hidden = int(C * config.mlp_ratio)
     block = 3 * C * C + C * C + 2 * C * hidden
-    scales = c if config.scales == "diagonal" else 1
-    head = C * config.mixtures * (1 + scales + c) if config.head == "mog" else C * config.depth * config.codebook_size
-    return c * C + layers * block + head, layers * 6 * C * C + 2 * C * C
+    return c * C + layers * block + head_params(config, sampling), layers * 6 * C * C + 2 * C * C
 
 
-def forward_flops(config, sequences):
-    """Model FLOPs of one forward pass over `sequences` sequences of L positions.
+def forward_flops(config, sequences, sampling=False):
+    """Model FLOPs of one forward pass over `sequences` sequences of L positions (sampling: the MoG head computes
+    only the drawn component's mean).
 
     2 FLOPs per multiply-add of every matmul weight, per position (the transformer runs on L positions, not on
     the L·D tokens) or per sequence (adaLN), plus attention's QKᵀ and AV: 4·layers·L²·C per sequence.
@@ -133,14 +145,17 @@ def forward_flops(config, sequences):
     The sampler's re-quantization and selection are not model FLOPs.
     """
     L = config.length
-    per_position, per_sequence = matmul_params(config)
+    per_position, per_sequence = matmul_params(config, sampling)
     return sequences * (2 * (per_position * L + per_sequence) + 4 * config.layers * L * L * config.width)
 
 
 def check_flop_count(model):
-    """The FLOP count is written from the config; fail loudly if resgen.py's layers no longer match it."""
+    """The FLOP count is written from the config; fail loudly if resgen.py's layers no longer match it (the
+    linear layers' weights, and the low-rank lift, against the training count)."""
     counted = sum(matmul_params(model.config))
-    actual = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    lift = model.head.lift.numel() * (1 + model.config.mean_rank / model.config.code_dim) \
+        if getattr(model.head, "lift", None) is not None else 0
+    actual = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)) + lift
     if counted != actual:
         raise RuntimeError(f"bench.matmul_params counts {counted} matmul weights, the model has {actual}: "
                            "update matmul_params to the model in resgen.py")
@@ -204,9 +219,9 @@ def build(size, codes, device, head="mog", seed=0):
         rms = 1.0 / (1.0 + CODEBOOK_RMS_DECAY * torch.arange(config.depth))  # (D,)
         codebooks = rms[:, None, None] * torch.randn(config.depth, config.codebook_size, config.code_dim)
         model = ResGen(config, codebooks)
-    if head == "mog":  # MoGHead.split reads the log-scales from outputs K..K(1+S)-1 of its linear layer
+    if head == "mog":  # the per-position log-scale s starts at 0 (MoGHead.initialize); give it a trained value
         with torch.no_grad():
-            model.head.linear.bias[config.mixtures:config.mixtures * (1 + model.head.S)] = SAMPLE_LOG_SIGMA
+            model.head.log_scale.bias.fill_(SAMPLE_LOG_SIGMA)
     check_flop_count(model)
     return model.eval()
 
@@ -226,7 +241,7 @@ def sampling_fn(model, batch, steps, device, seed=0):
 
 
 def backbone_fn(model, batch, steps, device):
-    """T backbone calls (transformer and the head's linear layer) on the shapes generate() feeds it: 2B rows under
+    """T backbone calls (transformer and the head's features) on the shapes generate() feeds it: 2B rows under
     CFG, inside the same bf16 autocast. The time of generate() minus this is the time outside the transformer."""
     L, D, c = model.config.length, model.config.depth, model.config.code_dim
     rows = 2 * batch
@@ -350,7 +365,7 @@ def bench_share(model, plan, device):
     split = {
         "backbone": parts["backbone"],
         "requantize": parts.get("requantize", 0.0),
-        "head_sample_other": parts["head_sample"] - parts.get("requantize", 0.0),  # component pick, Gaussian draw
+        "head_sample_other": parts["head_sample"] - parts.get("requantize", 0.0),  # projections, pick, draw
         "inputs": parts["inputs"],
         "rest": total - parts["backbone"] - parts["head_sample"] - parts["inputs"],  # CFG, confidence, selection
     }
@@ -386,7 +401,7 @@ def bench_sampling(model, plan, device, compiled=None):
         fns["compiled"] = with_backbone(model, compiled, run)
     times = interleaved(fns, plan.repeats, device)
     model.__dict__.pop("backbone", None)
-    flops = plan.steps * forward_flops(model.config, 2 * plan.batch)
+    flops = plan.steps * forward_flops(model.config, 2 * plan.batch, sampling=True)
     out = {name: {"images_per_s": plan.batch / min(t), "mfu": mfu(flops, min(t), device), **summary(t)}
            for name, t in times.items()}
     return out

@@ -40,7 +40,7 @@ def add_sampler_args(p):
     p.add_argument("--cfg-schedule", default=d["cfg_schedule"], choices=["constant", "linear"],
                    help="w constant, or rising linearly with the revealed fraction")
     p.add_argument("--top-p", type=float, default=d["top_p"], help="nucleus over mixture components, in (0, 1]")
-    p.add_argument("--temperature", type=float, default=d["temperature"], help="tau: z = mu + tau * sigma * eps")
+    p.add_argument("--temperature", type=float, default=d["temperature"], help="tau: z = b + e^s (mu_k + tau * eps) (MoG); softmax temperature (tokens)")
     p.add_argument("--choice-temperature", type=float, default=d["choice_temperature"],
                    help="Gumbel noise on the confidences, annealed to 0 over the steps")
     p.add_argument("--seed", type=int, default=0)

@@ -146,14 +146,15 @@ def set_rng_state(state, device):
 
 def build_config(args, meta):
     length = int(np.prod(meta["grid"]))
+    head = {k: getattr(args, k) for k in ("mixtures", "head_layers", "label_smoothing") if getattr(args, k) is not None}
     return make_config(args.model, length=length, depth=meta["depth"], codebook_size=meta["codebook_size"],
                        code_dim=meta["code_dim"], num_classes=meta["num_classes"], head=args.head,
-                       mixtures=args.mixtures, scales=args.scales, label_dropout=args.label_dropout)
+                       label_dropout=args.label_dropout, **head)
 
 
 def validate(args, world):
     for k in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "mixtures"):
-        if getattr(args, k) < 1:
+        if getattr(args, k) is not None and getattr(args, k) < 1:
             raise UserError(f"--{k.replace('_', '-')} must be >= 1 (got {getattr(args, k)})")
     if args.model not in SIZES:
         raise UserError(f"unknown --model {args.model!r} (choose from {', '.join(SIZES)})")
@@ -180,9 +181,10 @@ def main(argv=None):
     p.add_argument("--out", default="runs/resgen", help="run folder: last.pt, log.jsonl, samples")
     p.add_argument("--model", default="xl", help=f"size: {', '.join(SIZES)} (xl = the paper's 574M)")
     p.add_argument("--head", default="mog", help="mog: cumulative embedding (the paper); tokens: the ablation")
-    p.add_argument("--mixtures", type=int, default=16, help="K, mixture components of the MoG head")
-    p.add_argument("--scales", default="isotropic", choices=["isotropic", "diagonal"],
-                   help="MoG component covariance: sigma_k^2 I, or one sigma per latent dimension")
+    p.add_argument("--mixtures", type=int, default=None, help="K, mixture components of the MoG head (default: ResGenConfig's)")
+    p.add_argument("--head-layers", type=int, default=None, help="gated-MLP blocks in the MoG head (default: ResGenConfig's)")
+    p.add_argument("--label-smoothing", type=float, default=None,
+                   help="smoothing of the MoG head's responsibilities q (default: ResGenConfig's)")
     p.add_argument("--steps", type=int, default=400_000, help="optimiser steps")
     p.add_argument("--batch-size", type=int, default=256, help="global batch (all processes, all micro-batches)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (for large global batches)")
