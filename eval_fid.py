@@ -709,8 +709,10 @@ def space_metrics(space, images, args, source, ref=None, cache_dir=None, device=
         if not real_ok:
             raise UserError(f"samples are {'x'.join(map(str, images.shape[1:]))} but --data fashion_mnist images are "
                             "32x32x1: pass --data (a folder of real images like the samples)")
-        # With a cache, only the statistics are kept (a 50k reference: 32 MB instead of 400 MB of features).
-        ref = (real_statistics(space, args.data, ref_split, args.ref_n, **common) if cache_dir
+        # The statistics of a cached reference are kept alone (a 50k reference: 32 MB, not 400 MB of features),
+        # unless its images are the N that precision/recall needs anyway (--ref-n = --n).
+        cached_alone = cache_dir and args.ref_n != n
+        ref = (real_statistics(space, args.data, ref_split, args.ref_n, **common) if cached_alone
                else feature_statistics(real(ref_split, args.ref_n)))
     out = {"fd": frechet_distance(**_gaussian(feature_statistics(gen)), **_gaussian(ref, 2)), "ref_n": ref["n"]}
     if not real_ok:

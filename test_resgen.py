@@ -1614,7 +1614,7 @@ def test_cli_npz_end_to_end(tmp_path):
     images, labels, _ = tokenizer.load_images("fashion_mnist", "test", limit=5)
     np.savez(tmp_path / "s.npz", arr_0=images, arr_1=labels)
     out = tmp_path / "fid.jsonl"
-    r = _cli("--ckpt", str(tmp_path / "s.npz"), "--ref-n", "5", "--cache-dir", str(tmp_path / "cache"),
+    r = _cli("--ckpt", str(tmp_path / "s.npz"), "--ref-n", "6", "--cache-dir", str(tmp_path / "cache"),
              "--json-out", str(out), "--device", "cpu")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
@@ -1624,11 +1624,12 @@ def test_cli_npz_end_to_end(tmp_path):
     for k in ("precision_inception", "recall_inception", "precision_real_inception", "recall_real_inception"):
         assert 0.0 <= result[k] <= 1.0, result
     assert "FID floor" in r.stdout and "(Inception)" in r.stdout
-    # the train reference's statistics, and the features of the test floor and of the train images for P/R
+    # the statistics of the 6-image train reference, the features of the 5-image test floor and of the 5 train
+    # images that precision/recall compares with
     cached = sorted((name.split("_")[2], name.endswith("_features.npz")) for name in os.listdir(tmp_path / "cache"))
     assert cached == [("test", True), ("train", False), ("train", True)], cached
     # a second run reuses the caches and gives the same numbers
-    r2 = _cli("--ckpt", str(tmp_path / "s.npz"), "--ref-n", "5", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu")
+    r2 = _cli("--ckpt", str(tmp_path / "s.npz"), "--ref-n", "6", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu")
     again = json.loads(r2.stdout.strip().splitlines()[-1])
     assert "cached" not in r2.stderr
     assert all(again[k] == result[k] for k in ("fid", "fid_floor", "precision_inception", "recall_inception"))
