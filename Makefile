@@ -3,11 +3,13 @@
 # make study: RESULTS.md section 3 on one GPU (after make demo's first two stages): three models, then the FID grid
 # make prompted: RESULTS.md section 6 (after make demo): inpainting and re-detailing pictures and numbers on the demo
 #                model (or PROMPT_CKPT=...), and synthetic RVQ / 1-D code caches trained and sampled end to end
+# make sweep: the sampler grids of RESULTS.md sections 3 and 4 with the fast metric (--no-fid) for SWEEP_CKPTS
+# make figures: the paper's Fig. 2 and Fig. 3 from the JSON lines in FIGURE_RESULTS, as PNGs in figures/
 PY ?= python3
 RUNS ?= runs
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: setup setup-test demo test study prompted clean
+.PHONY: setup setup-test demo test study prompted sweep figures clean
 
 setup:
 	$(PY) -m pip install --quiet torch==2.13.0
@@ -134,6 +136,36 @@ prompted: setup
 	  $(PY) sample.py --ckpt $(PROMPT_OUT)/$${c}_run/last.pt --n 500 --steps 16 --cfg 3 --batch-size 100 --device cpu \
 	    --codes-out $(PROMPT_OUT)/$${c}_samples.npy; \
 	  $(PY) -c "$$CODE_AGREEMENT" $(PROMPT_OUT)/$$c $(PROMPT_OUT)/$${c}_samples.npy | tee -a $(PROMPT_OUT)/codes.txt; done
+
+# The grids of RESULTS.md sections 3.2/3.3 and 4 (T x w at tau = 0.7; then top-p, confidence temperature and tau
+# at T = 16, w = 3) for every checkpoint in SWEEP_CKPTS, scored without Inception: fd_classifier and its floor,
+# precision/recall, class accuracy and sampling seconds per image, one JSON line each in SWEEP_OUT. About 15 rows
+# per checkpoint; on the 2-core CPU at SWEEP_N = 2000 each row is mostly sampling (1-5 minutes).
+# Example: make sweep SWEEP_CKPTS="runs/resgen/last.pt runs/resgen_tokens/last.pt" SWEEP_N=1000
+SWEEP_CKPTS ?= $(RUNS)/resgen/last.pt
+SWEEP_N ?= 2000
+SWEEP_OUT ?= $(RUNS)/sweep.jsonl
+SWEEP_EVAL = --no-fid --n $(SWEEP_N) --ref train --ref-n $(SWEEP_N) --classifier $(RUNS)/classifier.pt \
+  --json-out $(SWEEP_OUT) $(if $(SWEEP_DEVICE),--device $(SWEEP_DEVICE))
+
+sweep: setup
+	@set -e; for c in $(SWEEP_CKPTS); do \
+	  for T in 4 8 16 32; do for w in 1 3; do \
+	    $(PY) eval_fid.py --ckpt $$c $(SWEEP_EVAL) --steps $$T --cfg $$w --temperature 0.7; done; done; \
+	  for x in "--top-p 0.5" "--top-p 0.8" "--choice-temperature 0" "--choice-temperature 4" \
+	           "--temperature 0" "--temperature 0.4" "--temperature 1.0"; do \
+	    $(PY) eval_fid.py --ckpt $$c $(SWEEP_EVAL) --steps 16 --cfg 3 --temperature 0.7 $$x; done; done
+
+# Figures from JSON lines of any evaluations (make sweep's, make study's, single runs with --json-out):
+# METRIC_vs_{steps,top_p,choice_temperature,temperature,seconds}.png for each metric that has two or more
+# comparable rows. matplotlib is installed here: only this target and the plot command use it.
+FIGURE_RESULTS ?= $(SWEEP_OUT)
+FIGURE_METRICS ?= fid,fd_classifier,precision,recall
+FIGURE_DIR ?= figures
+
+figures:
+	$(PY) -m pip install --quiet matplotlib
+	$(PY) eval_fid.py plot $(FIGURE_RESULTS) --metric $(FIGURE_METRICS) --out $(FIGURE_DIR)
 
 test: setup-test
 	$(PY) -m pytest -q test_resgen.py

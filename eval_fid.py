@@ -905,14 +905,179 @@ def print_table(r):
 
 
 #################################################################################
+#                   Figures: the paper's Fig. 2 and Fig. 3                      #
+#################################################################################
+# `python eval_fid.py plot RESULTS.jsonl ... --metric fid` draws, from the JSON lines evaluations append with
+# --json-out, one PNG per swept sampler knob. A line is a set of rows that agree on everything (model, step,
+# N, the other sampler settings) except the knob on the x axis; lines with one point are not drawn. A row
+# repeated with the same settings replaces the earlier one. matplotlib is imported by this command only.
+
+# knob on the x axis: (where it is read, file-name part, axis label, log2 x axis, the paper's figure)
+FIGURES = (("steps", "steps", "sampling steps T", True, "Fig. 3a"),
+           ("top_p", "top_p", "top-p (nucleus over mixture components / codes)", False, "Fig. 3b"),
+           ("choice_temperature", "choice_temperature", "confidence (choice) temperature", False, "Fig. 3c"),
+           ("temperature", "temperature", "Gaussian temperature τ", False, "sampler τ"),
+           ("sampling_seconds_per_image", "seconds", "sampling seconds per image", False, "Fig. 2"))
+# metric: (axis label, the same metric for held-out real images, drawn as a dashed line)
+METRICS = {"fid": ("FID (Inception)", "fid_floor"),
+           "fd_classifier": ("Fréchet distance, classifier features", "fd_classifier_floor"),
+           "precision": ("precision (classifier features)", "precision_real"),
+           "recall": ("recall (classifier features)", "recall_real"),
+           "precision_inception": ("precision (Inception)", "precision_real_inception"),
+           "recall_inception": ("recall (Inception)", "recall_real_inception"),
+           "class_acc": ("class accuracy", None)}
+SHORT = {"steps": "T", "cfg": "w", "cfg_schedule": "w schedule", "top_p": "top-p", "temperature": "τ",
+         "choice_temperature": "conf. temp.", "seed": "seed", "n": "N", "ref_n": "ref N", "step": "step",
+         "device": "on", "threads": "threads"}
+
+
+def read_results(paths):
+    """The ResGen rows (dicts) of JSON-lines files written by --json-out, in file order."""
+    rows = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise UserError(f"results file not found: {path}")
+        with open(path) as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    row = None
+                if not isinstance(row, dict) or "source" not in row:
+                    raise UserError(f"{path}:{i}: not a result line of eval_fid.py --json-out")
+                if row["source"] == "resgen" and isinstance(row.get("sampler"), dict):
+                    rows.append(row)
+    return rows
+
+
+def model_label(ckpt):
+    """runs/gpu_mog/last.pt -> gpu_mog (the run folder); other file names -> the name without its extension."""
+    base = os.path.basename(ckpt or "?")
+    return os.path.basename(os.path.dirname(ckpt)) or base if base == "last.pt" else os.path.splitext(base)[0]
+
+
+def figure_lines(rows, x, metric):
+    """{identity: {x value: row}} for the rows that have both x and the metric; identities with >= 2 x values.
+
+    The identity is everything else that changes the metric: model, step, N, reference N and every other
+    sampler setting; for sampling seconds also the device and thread count (timings compare only there).
+    """
+    lines = {}
+    for row in rows:
+        settings = dict(row["sampler"])
+        xv = settings.pop(x) if x in settings else row.get(x)
+        if xv is None or row.get(metric) is None:
+            continue
+        ident = dict(model=model_label(row["ckpt"]), step=row.get("step"), n=row["n"], ref_n=row.get("ref_n"),
+                     **settings)
+        if x == "sampling_seconds_per_image":
+            ident.update(device=row.get("device"), threads=row.get("threads"))
+            ident.pop("steps", None)
+        lines.setdefault(json.dumps(ident, sort_keys=True), {})[xv] = row
+    return {k: v for k, v in lines.items() if len(v) >= 2}
+
+
+def _line_labels(idents):
+    """(legend labels, subtitle): the model and each setting that differs between the lines drawn (w=3, ...);
+    the settings all lines share go in the subtitle (N=2000 T=16 ...)."""
+    differ = [k for k in idents[0] if k != "model" and len({json.dumps(i.get(k)) for i in idents}) > 1]
+    labels = [" ".join([i["model"]] + [f"{SHORT.get(k, k)}={i.get(k)}" for k in differ]) for i in idents]
+    shared = [f"{SHORT[k]}={idents[0][k]}" for k in ("n", "steps", "cfg", "top_p", "temperature", "choice_temperature")
+              if k in idents[0] and k not in differ]
+    return labels, " ".join(shared)
+
+
+def plot_figure(plt, rows, x, metric, path, x_label, log_x, figure_name):
+    """One PNG: the metric against one sampler knob, a line per identity, the real-vs-real value dashed.
+    Returns the number of lines drawn (0: nothing written)."""
+    lines = figure_lines(rows, x, metric)
+    if not lines:
+        return 0
+    idents = [json.loads(k) for k in lines]
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    labels, shared = _line_labels(idents)
+    for label, points in zip(labels, lines.values()):
+        xs = sorted(points)
+        ax.plot(xs, [points[v][metric] for v in xs], "o-", label=label)
+        if x == "sampling_seconds_per_image":          # Fig. 2: each point is one T
+            for v in xs:
+                ax.annotate(f"T={points[v]['sampler']['steps']}", (v, points[v][metric]), fontsize=7,
+                            textcoords="offset points", xytext=(3, 3))
+    y_label, real_key = METRICS[metric]
+    floors = sorted({(r.get(real_key), r["n"]) for p in lines.values() for r in p.values()
+                     if real_key and r.get(real_key) is not None})
+    for value, n in floors:
+        ax.axhline(value, color="gray", linestyle="--", linewidth=1, label=f"held-out real images (N = {n})")
+    if log_x:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({v for p in lines.values() for v in p}))
+        ax.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+    rows_drawn = [r for p in lines.values() for r in p.values()]
+    where = sorted({f"{r.get('device')}, {r.get('threads')} thread(s)" for r in rows_drawn})
+    ax.set_xlabel(x_label + (f" ({'; '.join(where)})" if x == "sampling_seconds_per_image" else ""))
+    ax.set_ylabel(y_label)
+    ax.set_title(f"{y_label} vs {x_label.split(' (')[0]} ({figure_name})\n{shared}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=120)
+        tokenizer.publish(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return len(lines)
+
+
+def _pyplot():
+    """matplotlib.pyplot with a file-only backend; the plot command's one extra package."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker  # noqa: F401  (plt.matplotlib.ticker in plot_figure)
+    except ImportError:
+        raise UserError("the plot command needs matplotlib: pip install matplotlib (nothing else uses it)")
+    return plt
+
+
+def plot(args):
+    """`plot`: the figures of every requested metric from the JSON lines, one PNG per (metric, knob)."""
+    metrics = [m for m in ",".join(args.metric).split(",") if m]
+    bad = [m for m in metrics if m not in METRICS]
+    if bad or not metrics:
+        raise UserError(f"unknown --metric {', '.join(bad) or '(none)'} (one or more of {', '.join(METRICS)})")
+    rows = read_results(args.results)
+    plt = _pyplot()
+    tokenizer.check_writable_dir(args.out)
+    drawn = []
+    for metric in metrics:
+        for x, stem, label, log_x, name in FIGURES:
+            path = os.path.join(args.out, f"{metric}_vs_{stem}.png")
+            lines = plot_figure(plt, rows, x, metric, path, label, log_x, name)
+            if lines:
+                drawn.append(path)
+                print(f"wrote {path}: {lines} line(s)")
+    if not drawn:
+        raise UserError(f"nothing to draw: no two result rows in {', '.join(args.results)} differ only in one "
+                        f"sampler setting and both have {' or '.join(metrics)}")
+    return drawn
+
+
+#################################################################################
 #                                Command line                                   #
 #################################################################################
 
 
 def build_parser():
     p = argparse.ArgumentParser(
-        description="FID (standard Inception), FID floor and class accuracy. "
-                    "Subcommand: `train-classifier` (see python eval_fid.py train-classifier -h).")
+        description="FID (standard Inception), FID floor, class accuracy, and the fast metrics in the classifier's "
+                    "feature space. Subcommands: `train-classifier`, `plot` (see python eval_fid.py SUBCOMMAND -h).")
     p.add_argument("--ckpt", default="runs/resgen/last.pt",
                    help="what to evaluate: a ResGen checkpoint, a tokenizer checkpoint, or an .npz of samples")
     p.add_argument("--source", default="auto", help=f"{', '.join(SOURCES)}; auto: from --ckpt (.npz, or the "
@@ -953,10 +1118,26 @@ def build_classifier_parser():
     return p
 
 
+def build_plot_parser():
+    p = argparse.ArgumentParser(prog="eval_fid.py plot",
+                                description="Draw the paper's Fig. 2 (metric vs sampling seconds per image, over T) and "
+                                            "Fig. 3 (metric vs T, top-p, confidence temperature; and vs τ) from the JSON "
+                                            "lines that --json-out writes. Needs matplotlib.")
+    p.add_argument("results", nargs="+", help="JSON-lines files written by eval_fid.py --json-out")
+    p.add_argument("--metric", action="append", default=None,
+                   help=f"what to draw, repeatable or comma-separated: {', '.join(METRICS)} (default fid)")
+    p.add_argument("--out", default="figures", help="folder for the PNGs, named METRIC_vs_KNOB.png")
+    return p
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train-classifier"]:
         train_classifier(build_classifier_parser().parse_args(argv[1:]))
+    elif argv[:1] == ["plot"]:
+        args = build_plot_parser().parse_args(argv[1:])
+        args.metric = args.metric or ["fid"]
+        plot(args)
     else:
         evaluate(build_parser().parse_args(argv))
 

@@ -1546,6 +1546,101 @@ def test_no_fid_computes_the_classifier_metrics(tiny_classifier, tmp_path):
 
 
 #################################################################################
+#                   Figures from the JSON lines (eval_fid.py plot)              #
+#################################################################################
+
+def _result_row(ckpt, metric_value, **sampler):
+    settings = dict(steps=16, cfg=3.0, cfg_schedule="constant", top_p=1.0, temperature=0.7, choice_temperature=1.0,
+                    seed=0)
+    settings.update(sampler)
+    return dict(source="resgen", ckpt=ckpt, step=100, n=50, ref_n=50, fid=None, fid_floor=None,
+                fd_classifier=metric_value, fd_classifier_floor=1.0, precision=0.5, recall=0.5, precision_real=0.9,
+                recall_real=0.9, sampling_seconds_per_image=0.01 * settings["steps"], device="cpu", threads=1,
+                sampler=settings)
+
+
+def _figure_rows():
+    rows = [_result_row(f"runs/{m}/last.pt", 10.0 + T + w, steps=T, cfg=w)
+            for m in ("mog", "tokens") for T in (4, 8, 16) for w in (1.0, 3.0)]
+    rows += [_result_row("runs/mog/last.pt", 5.0, top_p=p) for p in (0.5, 0.8)]
+    rows += [_result_row("runs/tokens/last.pt", 7.0, choice_temperature=0.0)]  # one more point: a line of two
+    rows += [_result_row("runs/mog/last.pt", 99.0, temperature=0.4, seed=1)]   # a lone point: no line
+    return rows
+
+
+def test_figure_lines_group_rows_by_everything_but_the_knob():
+    rows = _figure_rows()
+    rows.append(_result_row("runs/mog/last.pt", 42.0, steps=4, cfg=1.0))       # a rerun replaces the first row
+    steps = eval_fid.figure_lines(rows, "steps", "fd_classifier")
+    labels, shared = eval_fid._line_labels([json.loads(k) for k in steps])
+    assert sorted(labels) == ["mog w=1.0", "mog w=3.0", "tokens w=1.0", "tokens w=3.0"] and "N=50" in shared
+    for ident, points in steps.items():
+        assert sorted(points) == [4, 8, 16]
+    assert [p[4]["fd_classifier"] for k, p in steps.items() if '"cfg": 1.0' in k and "mog" in k] == [42.0]
+    top_p = eval_fid.figure_lines(rows, "top_p", "fd_classifier")              # 0.5, 0.8 and the T = 16, w = 3 row
+    assert [sorted(p) for p in top_p.values()] == [[0.5, 0.8, 1.0]]
+    assert len(eval_fid.figure_lines(rows, "choice_temperature", "fd_classifier")) == 1
+    assert eval_fid.figure_lines(rows, "temperature", "fd_classifier") == {}
+    assert eval_fid.figure_lines(rows, "steps", "fid") == {}                   # no row has an FID
+    # Fig. 2: a line per model and w over T, x = sampling seconds; other devices would be other lines
+    seconds = eval_fid.figure_lines(rows, "sampling_seconds_per_image", "fd_classifier")
+    assert len(seconds) == 4 and all(len(p) == 3 for p in seconds.values())
+
+
+def _needs_matplotlib():
+    if importlib.util.find_spec("matplotlib") is None:
+        pytest.skip("matplotlib not installed (pip install matplotlib; only eval_fid.py plot uses it)")
+
+
+def test_plot_command_writes_the_figures(tmp_path):
+    _needs_matplotlib()
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in _figure_rows())
+                       + json.dumps({"source": "real", "ckpt": None, "n": 50}) + "\n\n")
+    out = tmp_path / "figs"
+    p = run_cmd("eval_fid.py", "plot", str(results), "--metric", "fd_classifier", "--metric", "precision",
+                "--out", str(out))
+    want = {f"{m}_vs_{k}.png" for m in ("fd_classifier", "precision")
+            for k in ("steps", "top_p", "choice_temperature", "seconds")}
+    assert set(os.listdir(out)) == want, p.stdout
+    for name in want:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "fd_classifier_vs_steps.png: 4 line(s)" in p.stdout
+
+
+@pytest.mark.parametrize("case,needle", [("missing", "not found"), ("garbage", ":2: not a result line"),
+                                         ("metric", "unknown --metric"), ("empty", "nothing to draw")])
+def test_plot_bad_input_one_line(tmp_path, case, needle):
+    _needs_matplotlib()
+    results = tmp_path / "r.jsonl"
+    rows = _figure_rows()[:1] if case == "empty" else _figure_rows()
+    results.write_text(json.dumps(rows[0]) + "\n" + ("{oops\n" if case == "garbage" else "")
+                       + "".join(json.dumps(r) + "\n" for r in rows[1:]))
+    out = tmp_path / "figs"
+    args = [str(tmp_path / "nope.jsonl") if case == "missing" else str(results), "--out", str(out)]
+    p = run_cmd("eval_fid.py", "plot", *args, "--metric", "fd_clasifier" if case == "metric" else "fd_classifier",
+                check=False)
+    assert_clean_error(p)
+    assert needle in p.stderr and p.returncode == 2
+    assert not out.exists() or not os.listdir(out)
+
+
+def test_plot_without_matplotlib_is_one_line_and_runtime_never_imports_it(tmp_path):
+    fake = tmp_path / "fake" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in _figure_rows()))
+    p = run_cmd("eval_fid.py", "plot", str(results), "--out", str(tmp_path / "figs"), "--metric", "fd_classifier",
+                check=False, env={"PYTHONPATH": str(tmp_path / "fake")})
+    assert_clean_error(p)
+    assert "matplotlib" in p.stderr and not (tmp_path / "figs").exists()
+    # the runtime modules run without it
+    p = run_cmd("-c", "import sys, eval_fid, sample, train, resgen; assert 'matplotlib' not in sys.modules")
+    assert p.returncode == 0
+
+
+#################################################################################
 #                         Inception network and CLI                             #
 #################################################################################
 
