@@ -714,13 +714,13 @@ def space_metrics(space, images, args, source, ref=None, cache_dir=None, device=
         cached_alone = cache_dir and args.ref_n != n
         ref = (real_statistics(space, args.data, ref_split, args.ref_n, **common) if cached_alone
                else feature_statistics(real(ref_split, args.ref_n)))
-    out = {"fd": frechet_distance(**_gaussian(feature_statistics(gen)), **_gaussian(ref, 2)), "ref_n": ref["n"]}
+    out = {"fd": _fd(feature_statistics(gen), ref), "ref_n": ref["n"]}
     if not real_ok:
         print(f"note: no {space.name} floor or precision/recall: pass --data (a folder of real images like the "
               "samples) to get them", file=sys.stderr)
     else:
         floor = real(heldout, n)
-        out["fd_floor"] = frechet_distance(**_gaussian(feature_statistics(floor)), **_gaussian(ref, 2))
+        out["fd_floor"] = _fd(feature_statistics(floor), ref)
         out["floor_n"], out["floor_split"] = len(floor), heldout
         if min(n, len(floor)) > PR_K:
             out["precision"], out["recall"] = precision_recall(real(ref_split, n), gen, device=device)
@@ -731,9 +731,9 @@ def space_metrics(space, images, args, source, ref=None, cache_dir=None, device=
     return out
 
 
-def _gaussian(stats, which=1):
-    """{"mu1": .., "sigma1": ..} (or mu2/sigma2) keyword arguments of frechet_distance from statistics."""
-    return {f"mu{which}": stats["mu"], f"sigma{which}": stats["sigma"]}
+def _fd(stats1, stats2):
+    """frechet_distance between two {"mu", "sigma"} statistics."""
+    return frechet_distance(stats1["mu"], stats1["sigma"], stats2["mu"], stats2["sigma"])
 
 
 def inception_space(path, batch_size, device):
