@@ -932,7 +932,7 @@ SHORT = {"steps": "T", "cfg": "w", "cfg_schedule": "w schedule", "top_p": "top-p
 
 
 def read_results(paths):
-    """The ResGen rows (dicts) of JSON-lines files written by --json-out, in file order."""
+    """The rows of unprompted ResGen samples (dicts) in JSON-lines files written by --json-out, in file order."""
     rows = []
     for path in paths:
         if not os.path.isfile(path):
@@ -947,7 +947,8 @@ def read_results(paths):
                     row = None
                 if not isinstance(row, dict) or "source" not in row:
                     raise UserError(f"{path}:{i}: not a result line of eval_fid.py --json-out")
-                if row["source"] == "resgen" and isinstance(row.get("sampler"), dict):
+                # the figures are of sampling from scratch: prompted completions (a "prompt" entry) are left out
+                if row["source"] == "resgen" and isinstance(row.get("sampler"), dict) and not row.get("prompt"):
                     rows.append(row)
     return rows
 

@@ -1595,7 +1595,10 @@ def _needs_matplotlib():
 def test_plot_command_writes_the_figures(tmp_path):
     _needs_matplotlib()
     results = tmp_path / "r.jsonl"
-    results.write_text("".join(json.dumps(r) + "\n" for r in _figure_rows())
+    # prompted completions are not samples from scratch: these two would draw a temperature figure if read
+    prompted = [{**_result_row("runs/mog/last.pt", 1.0, temperature=tau, seed=7), "prompt": {"inpaint": "bottom"}}
+                for tau in (0.3, 0.5)]
+    results.write_text("".join(json.dumps(r) + "\n" for r in _figure_rows() + prompted)
                        + json.dumps({"source": "real", "ckpt": None, "n": 50}) + "\n\n")
     out = tmp_path / "figs"
     p = run_cmd("eval_fid.py", "plot", str(results), "--metric", "fd_classifier", "--metric", "precision",
