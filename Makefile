@@ -23,13 +23,15 @@ setup-test: setup
 	$(PY) -m pip install --quiet -r requirements-test.txt
 	$(PY) -m pip install --quiet --no-deps pytorch-fid==0.3.0
 
-# The demo's ResGen run (override on the command line, e.g. make demo RESGEN_STEPS=3000)
-RESGEN_STEPS ?= 1200
+# The demo's tokenizer and ResGen runs, sized to finish inside 20 minutes on 2 CPU cores (RESULTS.md section 2;
+# override on the command line, e.g. make demo RESGEN_STEPS=3000)
+TOKENIZER_STEPS ?= 450
+RESGEN_STEPS ?= 900
 SAMPLER ?= --steps 16 --cfg 3 --temperature 0.7
 
 demo: setup
 	@start=$$(date +%s); set -e; \
-	$(PY) tokenizer.py train --data fashion_mnist --out $(RUNS)/tokenizer --device cpu; \
+	$(PY) tokenizer.py train --data fashion_mnist --out $(RUNS)/tokenizer --steps $(TOKENIZER_STEPS) --device cpu; \
 	test -f $(RUNS)/fashion_mnist_codes/meta.json || \
 	  $(PY) tokenizer.py encode --ckpt $(RUNS)/tokenizer/last.pt --data fashion_mnist --split train \
 	    --out $(RUNS)/fashion_mnist_codes --device cpu; \
@@ -42,7 +44,7 @@ demo: setup
 	  --device cpu; \
 	echo "demo finished in $$(( $$(date +%s) - start )) s: samples.png"
 
-# RESULTS.md section 3: MoG (K = 16), token head and MoG (K = 64) trained STUDY_TIME seconds each, at once on
+# RESULTS.md section 3: MoG (the default head), token head and MoG (K = 1024) trained STUDY_TIME seconds each, at once on
 # one GPU, then STUDY_N-image FIDs over T, CFG, top-p and temperatures, one JSON line each in
 # $(RUNS)/results_gpu.jsonl.
 STUDY_TIME ?= 270
@@ -60,12 +62,12 @@ study: setup
 	  $(PY) eval_fid.py train-classifier --data fashion_mnist --epochs 1 --out $(RUNS)/classifier.pt --device $(DEVICE); \
 	$(PY) train.py $(STUDY_TRAIN) --out $(RUNS)/gpu_mog & p1=$$!; \
 	$(PY) train.py $(STUDY_TRAIN) --out $(RUNS)/gpu_tokens --head tokens & p2=$$!; \
-	$(PY) train.py $(STUDY_TRAIN) --out $(RUNS)/gpu_mog64 --mixtures 64 & p3=$$!; \
+	$(PY) train.py $(STUDY_TRAIN) --out $(RUNS)/gpu_mog1024 --mixtures 1024 & p3=$$!; \
 	wait $$p1; wait $$p2; wait $$p3; \
 	$(PY) eval_fid.py --ckpt $(RUNS)/tokenizer/last.pt $(STUDY_EVAL); \
 	for T in 4 8 16 32; do for w in 1 3; do for r in gpu_mog gpu_tokens; do \
 	  $(PY) eval_fid.py --ckpt $(RUNS)/$$r/last.pt $(STUDY_EVAL) --steps $$T --cfg $$w --temperature 0.7; done; done; done; \
-	for w in 1 3; do $(PY) eval_fid.py --ckpt $(RUNS)/gpu_mog64/last.pt $(STUDY_EVAL) --steps 16 --cfg $$w --temperature 0.7; done; \
+	for w in 1 3; do $(PY) eval_fid.py --ckpt $(RUNS)/gpu_mog1024/last.pt $(STUDY_EVAL) --steps 16 --cfg $$w --temperature 0.7; done; \
 	for x in "--top-p 0.5" "--top-p 0.8" "--choice-temperature 0" "--choice-temperature 4"; do for r in gpu_mog gpu_tokens; do \
 	  $(PY) eval_fid.py --ckpt $(RUNS)/$$r/last.pt $(STUDY_EVAL) --steps 16 --cfg 3 --temperature 0.7 $$x; done; done; \
 	for tau in 0.4 1.0; do $(PY) eval_fid.py --ckpt $(RUNS)/gpu_mog/last.pt $(STUDY_EVAL) --steps 16 --cfg 3 --temperature $$tau; done
