@@ -316,11 +316,16 @@ def mog_component_log_likelihood(means, shift, log_scale, z):
     the change of variables adds the Jacobian −c·s.
 
     means (..., K, c), shift (..., c), log_scale (..., 1), z (..., c) -> (..., K)."""
-    c = z.shape[-1]
     z_norm = (z - shift) * torch.exp(-log_scale)  # (..., c)
     # ‖z̃ − μ_k‖² = Σ μ_k(μ_k − 2z̃) + ‖z̃‖²: fewer passes over the (..., K, c) tensors, the head's largest
     # (measured 16% faster than the plain difference, forward and backward, on a CPU)
     dist2 = (means * (means - 2 * z_norm.unsqueeze(-2))).sum(-1) + z_norm.pow(2).sum(-1, keepdim=True)
+    return unit_gaussian_log_likelihood(dist2, log_scale, z.shape[-1])
+
+
+def unit_gaussian_log_likelihood(dist2, log_scale, c):
+    """log N of a unit Gaussian in the normalised space from its squared distance ‖z̃ − μ_k‖² (..., K), plus the
+    Jacobian −c·s of z̃ = (z − b)·e^{−s}: log_scale (..., 1) -> (..., K)."""
     return -0.5 * dist2.clamp_min(0) - 0.5 * c * math.log(2 * math.pi) - c * log_scale
 
 
@@ -427,10 +432,10 @@ class MoGHead(nn.Module):
         """The per-position affine map: shift b (B, L, c) and floored log-scale s (B, L, 1), fp32."""
         return self.shift(f).float(), self.log_scale(f).float().clamp_min(self.log_scale_min)
 
-    def component_log_likelihoods(self, f, z):
-        """log N(z; b + e^s·μ_k, e^{2s} I) for all K components (B, L, K), fp32. With low-rank means the c-dim
-        means are never formed: ‖A_k u_k − z̃‖² = u_kᵀ(A_kᵀA_k)u_k − 2 u_k·(A_kᵀ z̃) + ‖z̃‖²."""
-        shift, log_scale = self.affine(f)
+    def component_log_likelihoods(self, f, z, shift, log_scale):
+        """log N(z; b + e^s·μ_k, e^{2s} I) for all K components (B, L, K), fp32, given the affine map (shift,
+        log_scale) = self.affine(f). With low-rank means the c-dim means are never formed:
+        ‖A_k u_k − z̃‖² = u_kᵀ(A_kᵀA_k)u_k − 2 u_k·(A_kᵀ z̃) + ‖z̃‖²."""
         if not self.r:
             means = self.means(f).float().unflatten(-1, (self.K, self.c))  # (B, L, K, c)
             return mog_component_log_likelihood(means, shift, log_scale, z.float())
@@ -439,7 +444,7 @@ class MoGHead(nn.Module):
         gram = self.lift.transpose(1, 2) @ self.lift  # (K, r, r)
         dist2 = (torch.einsum("blkr,krs,blks->blk", u, gram, u)
                  - 2 * torch.einsum("blkr,kcr,blc->blk", u, self.lift, z_norm) + z_norm.pow(2).sum(-1, keepdim=True))
-        return -0.5 * dist2.clamp_min(0) - 0.5 * self.c * math.log(2 * math.pi) - self.c * log_scale
+        return unit_gaussian_log_likelihood(dist2, log_scale, self.c)
 
     def drawn_means(self, f, k):
         """μ_k for the drawn component only (a gather of its weights, not all K·c outputs): f (B, L, C), k (B, L)
@@ -463,7 +468,8 @@ class MoGHead(nn.Module):
         (train.py: a share of the global batch). Stats: the exact NLL (the split is an upper bound on it) and
         how many components are in use (perplexity of the mean q and of the mean π)."""
         logits = self.logits(f).float()  # (B, L, K)
-        comp_ll = self.component_log_likelihoods(f, target)  # (B, L, K)
+        shift, log_scale = self.affine(f)
+        comp_ll = self.component_log_likelihoods(f, target, shift, log_scale)  # (B, L, K)
         classification, regression, q = mog_jensen_split(logits, comp_ll, self.label_smoothing)
         valid = mask.any(-1).float()  # (B, L): positions with k_i > 0
         local = self.scored(mask).float().clamp_min(1.0)
@@ -475,7 +481,7 @@ class MoGHead(nn.Module):
             stats = {"nll": per_dim(mog_nll(logits, comp_ll)), "classification": per_dim(classification),
                      "q_perplexity": perplexity((q * v).sum((0, 1)) / local),
                      "pi_perplexity": perplexity((logits.softmax(-1) * v).sum((0, 1)) / local),
-                     "log_scale": (self.affine(f)[1].squeeze(-1) * valid).sum() / local}
+                     "log_scale": (log_scale.squeeze(-1) * valid).sum() / local}
         return loss, stats
 
     def sample(self, f, prefix, codebooks, top_p, temperature, generator):

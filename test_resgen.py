@@ -528,7 +528,7 @@ def test_low_rank_means_match_the_lifted_full_means(seed, r):
         full = torch.einsum("kcr,blkr->blkc", m.head.lift, u)  # (2, 3, K, c)
         shift, log_scale = m.head.affine(f)
         ref = resgen.mog_component_log_likelihood(full, shift, log_scale, z)
-        torch.testing.assert_close(m.head.component_log_likelihoods(f, z), ref, atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(m.head.component_log_likelihoods(f, z, shift, log_scale), ref, atol=1e-3, rtol=1e-4)
         k = torch.randint(0, 5, (2, 3), generator=g)
         torch.testing.assert_close(m.head.drawn_means(f, k), full.gather(2, k[..., None, None].expand(2, 3, 1, c))[:, :, 0])
 
