@@ -5,11 +5,12 @@
 #                model (or PROMPT_CKPT=...), and synthetic RVQ / 1-D code caches trained and sampled end to end
 # make sweep: the sampler grids of RESULTS.md sections 3 and 4 with the fast metric (--no-fid) for SWEEP_CKPTS
 # make figures: the paper's Fig. 2 and Fig. 3 from the JSON lines in FIGURE_RESULTS, as PNGs in figures/
+# make bench-gpu: every GPU row of BENCHMARKS.md (xl, eager and compiled) in one run of at most 8 minutes
 PY ?= python3
 RUNS ?= runs
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: setup setup-test demo test study prompted sweep figures clean
+.PHONY: setup setup-test demo test study prompted sweep figures bench-gpu clean
 
 setup:
 	$(PY) -m pip install --quiet torch==2.13.0
@@ -43,6 +44,11 @@ demo: setup
 	$(PY) eval_fid.py --ckpt $(RUNS)/resgen/last.pt --n 300 $(SAMPLER) --no-fid --classifier $(RUNS)/classifier.pt \
 	  --device cpu; \
 	echo "demo finished in $$(( $$(date +%s) - start )) s: samples.png"
+
+# BENCHMARKS.md's GPU rows on one GPU: sampling eager and compiled, share outside the transformer, re-quantization,
+# training, maximum batch. JSON lines are appended per measurement, so a run cut by the timeout keeps what it measured.
+bench-gpu:
+	timeout 480 $(PY) bench.py --only cuda --compile --json-out $(RUNS)/bench_cuda.jsonl
 
 # RESULTS.md section 3: MoG (the default head), token head and MoG (K = 1024) trained STUDY_TIME seconds each, at once on
 # one GPU, then STUDY_N-image FIDs over T, CFG, top-p and temperatures, one JSON line each in

@@ -8,7 +8,7 @@ asserts a speed. It prints one table and appends one JSON line per measurement t
     python bench.py --only cpu --threads 1
     # 1 GPU: the xl rows (sampling throughput and MFU, outside-transformer share, training MFU, max batch)
     python bench.py --only cuda
-    # 1 GPU, eager vs torch.compile(backbone) for training and sampling (adds a few minutes of compiling)
+    # 1 GPU, every GPU row with eager vs compiled (make bench-gpu: at most 8 minutes)
     python bench.py --only cuda --compile
 
 What it measures, each as a ratio or a share inside one run, so machine noise cancels:
@@ -16,8 +16,10 @@ What it measures, each as a ratio or a share inside one run, so machine noise ca
   2. where sampling time goes: the share of generate() spent outside the transformer forward pass;
   3. training throughput: steps/s, tokens/s (tokens = B·L·D) and, on CUDA, model FLOP utilisation (MFU);
   4. sampling throughput on CUDA (xl, D = 16, T = 64, CFG, bf16, batch 256): images/s and MFU;
-  5. the largest sampling batch of xl on one GPU;
-  6. with --compile, eager vs torch.compile of the backbone for 3 and 4.
+  5. the largest sampling batch of xl on one GPU (predicted from two small batches' peak memory, then bisected);
+  6. with --compile, eager vs compiled: torch.compile(model) for training (train.py --compile), ResGen.compile_sampler
+     for sampling (rows 1, 2 and 4);
+  7. re-quantization alone (resgen.requantize), eager vs torch.compile, at the shapes rows 1, 2 and 4 run.
 Repeats are interleaved (round-robin over the settings being compared) and the best time is reported, so a
 burst of load from another process hits every setting alike. Every model has random weights and random
 codebooks, with a trained-like σ and codebook scale (SAMPLE_LOG_SIGMA: on the CPU the sampler's cost depends on
@@ -59,6 +61,8 @@ FMNIST_CODES = dict(length=64, depth=4, codebook_size=256, code_dim=16, num_clas
 IMAGENET_CODES = dict(length=64, depth=16, codebook_size=4096, code_dim=16, num_classes=1000)
 DEPTHS = (4, 8, 16)         # row 1
 DEPTH_CODEBOOKS = (256, 4096)  # row 1 at both codebook sizes: the MoG head's only D-dependent cost scales with V
+NARROW = dict(width=128, layers=4, heads=4)  # row 1 also on a narrow model at B = 64: a cheap transformer shows
+NARROW_BATCH = 64                            # the D-dependent cost first
 CFG_SCALE = 2.0             # any w != 1 turns guidance on (2B rows per pass); the cost does not depend on w
 # Random weights stand in for a trained model, but on the CPU the sampler's cost depends on two values: torch.exp
 # takes a slow path (10-25x) when its result underflows, which re-quantization's confidence hits once the
@@ -69,8 +73,9 @@ CODEBOOK_RMS_DECAY = 2.0    # codebook j has rms 1 / (1 + 2j) per dimension in s
                             # (demo, D = 4: 0.94, 0.25, 0.15, 0.11; a D = 16 tokenizer: 1.02, 0.34, 0.21, ..., 0.027)
 DECODE_CHUNK = 64           # images decoded at once: 256x256 activations of a 128-channel decoder are large
 MAX_BATCH_STEPS = 2         # every sampling step has the same shapes, so 2 steps reach the peak memory of 64
-MAX_BATCH_LIMIT = 1 << 17   # stop doubling here
-MAX_BATCH_START = 256
+MAX_BATCH_LIMIT = 1 << 17   # never try more
+MAX_BATCH_PROBES = (256, 512)  # two batches that fit: peak memory is affine in B, so they predict the largest
+MAX_BATCH_GROWTH = 1.125    # from the prediction, step by this factor until the outcome flips, then bisect
 
 
 @dataclass
@@ -88,7 +93,7 @@ class Plan:
 PLANS = {
     ("cpu", False): Plan("small", batch=8, steps=8, repeats=5, train_batch=32, train_steps=3, bisect_tol=0.0),
     ("cpu", True): Plan("tiny", batch=4, steps=4, repeats=2, train_batch=8, train_steps=2, bisect_tol=0.0),
-    ("cuda", False): Plan("xl", batch=256, steps=64, repeats=3, train_batch=256, train_steps=10, bisect_tol=1 / 32),
+    ("cuda", False): Plan("xl", batch=256, steps=64, repeats=2, train_batch=256, train_steps=10, bisect_tol=1 / 32),
     ("cuda", True): Plan("xl", batch=32, steps=8, repeats=2, train_batch=32, train_steps=3, bisect_tol=1 / 4),
 }
 
@@ -211,10 +216,11 @@ def summary(seconds):
 #                              Models and workloads                             #
 #################################################################################
 
-def build(size, codes, device, head="mog", seed=0):
-    """ResGen with random weights, random codebooks (D, V, c) in scaled units and a trained-like σ, in eval mode."""
+def build(size, codes, device, head="mog", seed=0, compiled=False, **overrides):
+    """ResGen with random weights, random codebooks (D, V, c) in scaled units and a trained-like σ, in eval mode;
+    compiled: with ResGen.compile_sampler. overrides: ResGenConfig fields (NARROW)."""
     torch.manual_seed(seed)
-    config = make_config(size, head=head, **codes)
+    config = make_config(size, head=head, **codes, **overrides)
     with torch.device(device):  # initialise on the device: xl's 574M parameters are slow to init on a CPU
         rms = 1.0 / (1.0 + CODEBOOK_RMS_DECAY * torch.arange(config.depth))  # (D,)
         codebooks = rms[:, None, None] * torch.randn(config.depth, config.codebook_size, config.code_dim)
@@ -223,7 +229,7 @@ def build(size, codes, device, head="mog", seed=0):
         with torch.no_grad():
             model.head.log_scale.bias.fill_(SAMPLE_LOG_SIGMA)
     check_flop_count(model)
-    return model.eval()
+    return model.eval().compile_sampler() if compiled else model.eval()
 
 
 def labels_for(model, batch, device):
@@ -253,14 +259,17 @@ def backbone_fn(model, batch, steps, device):
     def run():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             for _ in range(steps):
+                torch.compiler.cudagraph_mark_step_begin()  # as generate() does at every step
                 model.backbone(visible, num_masked, labels)
     return run
 
 
-def train_fn(model, batch, device):
+def train_fn(model, batch, device, forward=None):
     """One optimiser step as train.py takes it: forward masks and label drops from train.step_noise, bf16 autocast
     on CUDA, AdamW (fused on CUDA), gradient clipping, EMA by train.update_ema. Codes are random and already on
-    the device: train.py's memory-mapped read is not timed."""
+    the device: train.py's memory-mapped read is not timed. forward: the loss function (default: the model;
+    torch.compile(model), as train.py --compile runs it)."""
+    forward = model if forward is None else forward
     config = model.config
     model.train()
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -274,7 +283,7 @@ def train_fn(model, batch, device):
     def run():
         mask, drop = step_noise(step[0], noise_args, config, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss, _ = model(codes, labels, mask=mask, drop=drop)
+            loss, _ = forward(codes, labels, mask=mask, drop=drop)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -291,24 +300,11 @@ def repeat(fn, n):
     return run
 
 
-def with_backbone(model, backbone, fn):
-    """Run fn with `backbone` in place of ResGen.backbone (None: the eager method). An instance attribute shadows
-    the method, and generate() and forward() both call self.backbone, so this swaps in torch.compile's version
-    without touching resgen.py."""
-    def run():
-        if backbone is None:
-            model.__dict__.pop("backbone", None)
-        else:
-            model.backbone = backbone
-        return fn()
-    return run
-
-
 @contextlib.contextmanager
 def component_timers(model, device):
     """Wall-clock time per sampler component, by wrapping the functions generate() calls (resgen.py unchanged):
-    the backbone, the head's sampler, re-quantization (called by the MoG head's sampler through the module
-    global `requantize`) and the input embeddings (`cumulative_embeddings`). Yields a dict name -> seconds.
+    the backbone, the head's features (its MLP blocks, inside the backbone), the head's sampler, re-quantization
+    (the MoG head's `requantize`) and the input embeddings (`cumulative_embeddings`). Yields name -> seconds.
     Each wrapper synchronises on CUDA, which slows the run a little: the share row does not use these timers."""
     totals = defaultdict(float)
 
@@ -322,63 +318,73 @@ def component_timers(model, device):
             return out
         return run
 
-    saved = resgen.requantize, resgen.cumulative_embeddings, model.__dict__.get("backbone")
-    resgen.requantize = wrap("requantize", resgen.requantize)
+    head = model.head
+    saved = resgen.cumulative_embeddings, model.__dict__.get("backbone"), head.__dict__.get("requantize")
     resgen.cumulative_embeddings = wrap("inputs", resgen.cumulative_embeddings)
     model.backbone = wrap("backbone", model.backbone)
-    model.head.sample = wrap("head_sample", model.head.sample)
+    head.forward = wrap("head_features", head.forward)
+    head.sample = wrap("head_sample", head.sample)
+    if hasattr(head, "requantize"):
+        head.requantize = wrap("requantize", head.requantize)
     try:
         yield totals
     finally:
-        resgen.requantize, resgen.cumulative_embeddings = saved[:2]
-        del model.backbone, model.head.sample
-        if saved[2] is not None:  # a compiled backbone that was in place before
-            model.backbone = saved[2]
+        resgen.cumulative_embeddings = saved[0]
+        for obj, name, before in ((model, "backbone", saved[1]), (head, "requantize", saved[2])):
+            obj.__dict__.pop(name, None)
+            if before is not None:  # a compiled version that was in place before
+                setattr(obj, name, before)
+        del head.forward, head.sample
 
 
 #################################################################################
 #                                 Measurements                                  #
 #################################################################################
 
-def bench_depth(plan, head, codebook_size, device):
+def bench_depth(plan, head, codebook_size, device, batch, compiled=False, **overrides):
     """Row 1: depth decoupling. Sampling time at D = 4, 8, 16 with everything else equal (L, width, layers, T, B).
     The MoG head's output size does not depend on D (only re-quantization does, through a loop over depths);
     the token head's output is D·V logits per position."""
-    models = {D: build(plan.size, {**FMNIST_CODES, "depth": D, "codebook_size": codebook_size}, device, head=head)
-              for D in DEPTHS}
-    times = interleaved({D: sampling_fn(m, plan.batch, plan.steps, device) for D, m in models.items()},
+    models = {D: build(plan.size, {**FMNIST_CODES, "depth": D, "codebook_size": codebook_size}, device, head=head,
+                       compiled=compiled, **overrides) for D in DEPTHS}
+    times = interleaved({D: sampling_fn(m, batch, plan.steps, device) for D, m in models.items()},
                         plan.repeats, device)
     return {D: summary(t) for D, t in times.items()}
 
 
-def bench_share(model, plan, device):
+def bench_share(model, plan, device, split=True):
     """Row 2: share of generate() outside the transformer forward pass = 1 - (T backbone calls) / generate(),
-    both timed interleaved on the same shapes. Then one instrumented run splits the sampler by component."""
+    both timed interleaved on the same shapes. Then one instrumented run splits the sampler by component (not for
+    a compiled model: its timers would sit inside the compiled graph)."""
     run = sampling_fn(model, plan.batch, plan.steps, device)
     times = interleaved({"generate": run, "backbone": backbone_fn(model, plan.batch, plan.steps, device)},
                         plan.repeats, device)
     gen = min(times["generate"])
     share = 1.0 - min(times["backbone"]) / gen
+    out = {"share_outside": share, "generate_s": gen, "backbone_s": min(times["backbone"])}
+    if not split:
+        return out
     with component_timers(model, device) as parts:
         total = timed(run, device)
     parts = dict(parts)
     split = {
-        "backbone": parts["backbone"],
+        "backbone": parts["backbone"] - parts["head_features"],
+        "head_features": parts["head_features"],  # the MoG head's MLP blocks (the token head: its linear map)
         "requantize": parts.get("requantize", 0.0),
         "head_sample_other": parts["head_sample"] - parts.get("requantize", 0.0),  # projections, pick, draw
         "inputs": parts["inputs"],
         "rest": total - parts["backbone"] - parts["head_sample"] - parts["inputs"],  # CFG, confidence, selection
     }
-    return {"share_outside": share, "generate_s": gen, "backbone_s": min(times["backbone"]),
-            "split_frac": {k: v / total for k, v in split.items()}, "instrumented_total_s": total}
+    return {**out, "split_frac": {k: v / total for k, v in split.items()}, "instrumented_total_s": total}
 
 
-def bench_train(model, plan, device, compiled=None):
-    """Row 3 (and 6): steps/s of train_fn; with `compiled`, eager and compiled blocks interleaved."""
-    step = train_fn(model, plan.train_batch, device)
-    fns = {"eager": with_backbone(model, None, repeat(step, plan.train_steps))}
-    if compiled is not None:
-        fns["compiled"] = with_backbone(model, compiled, repeat(step, plan.train_steps))
+def bench_train(model, plan, device, compiled=False):
+    """Row 3 (and 6): steps/s of train_fn; with `compiled`, eager and torch.compile(model) (train.py --compile)
+    blocks interleaved on the same weights."""
+    fns = {"eager": repeat(train_fn(model, plan.train_batch, device), plan.train_steps)}
+    if compiled:
+        step = train_fn(model, plan.train_batch, device, forward=torch.compile(model))
+        fns["compiled"] = repeat(step, plan.train_steps)
     times = interleaved(fns, plan.repeats, device)
     c = model.config
     out = {}
@@ -392,15 +398,12 @@ def bench_train(model, plan, device, compiled=None):
     return out
 
 
-def bench_sampling(model, plan, device, compiled=None):
-    """Row 4 (and 6): images/s of generate() (codes only), MFU of its T forward passes; with `compiled`, eager and
-    compiled interleaved."""
-    run = sampling_fn(model, plan.batch, plan.steps, device)
-    fns = {"eager": with_backbone(model, None, run)}
-    if compiled is not None:
-        fns["compiled"] = with_backbone(model, compiled, run)
-    times = interleaved(fns, plan.repeats, device)
-    model.__dict__.pop("backbone", None)
+def bench_sampling(models, plan, device):
+    """Row 4 (and 6): images/s of generate() (codes only), MFU of its T forward passes; models: name -> model
+    ("eager", and "compiled" with ResGen.compile_sampler, same weights), timed interleaved."""
+    times = interleaved({name: sampling_fn(m, plan.batch, plan.steps, device) for name, m in models.items()},
+                        plan.repeats, device)
+    model = models["eager"]
     flops = plan.steps * forward_flops(model.config, 2 * plan.batch, sampling=True)
     out = {name: {"images_per_s": plan.batch / min(t), "mfu": mfu(flops, min(t), device), **summary(t)}
            for name, t in times.items()}
@@ -423,15 +426,49 @@ def bench_decode(codes, device, repeats):
     return summary(interleaved({"decode": run}, repeats, device)["decode"])
 
 
-def largest(fits, start, limit, tol):
-    """Largest b in [1, limit] with fits(b), for a monotone fits: double from `start` until it fails, then bisect
-    until hi - lo <= max(1, tol·lo). Returns (lo, hi): lo fits (0: nothing does), hi fails (None: limit reached)."""
-    lo, hi, b = 0, None, start
-    while b <= limit:
-        if not fits(b):
+def bench_requantize(shapes, device, repeats, compiled):
+    """Row 7: one resgen.requantize call (all D depths) on random codebooks with the bench's trained-like scales,
+    eager and (compiled) torch.compile'd, interleaved. shapes: [(positions, D, V)]. Checks that both pick the
+    same codes. Returns a list of dicts."""
+    fast = torch.compile(resgen.requantize, dynamic=False) if compiled else None
+    out = []
+    for positions, D, V in shapes:
+        g = torch.Generator(device=device).manual_seed(0)
+        rms = 1.0 / (1.0 + CODEBOOK_RMS_DECAY * torch.arange(D, device=device))
+        cb = rms[:, None, None] * torch.randn(D, V, FMNIST_CODES["code_dim"], generator=g, device=device)
+        z = torch.randn(1, positions, cb.shape[-1], generator=g, device=device)
+        start = torch.randint(0, D + 1, (1, positions), generator=g, device=device)
+        log_scale = torch.full((1, positions), SAMPLE_LOG_SIGMA, device=device)
+        fns = {"eager": lambda: resgen.requantize(z, start, cb, log_scale)}
+        if fast is not None:
+            fns["compiled"] = lambda: fast(z, start, cb, log_scale)
+        times = interleaved(fns, repeats, device)
+        row = {"positions": positions, "depth": D, "codebook_size": V, **{k: summary(t) for k, t in times.items()}}
+        if fast is not None:
+            a, b = resgen.requantize(z, start, cb, log_scale)[0], fast(z, start, cb, log_scale)[0]
+            row["same_codes"] = float((a == b).float().mean())
+        out.append(row)
+    return out
+
+
+def largest(fits, guess, limit, tol, growth=MAX_BATCH_GROWTH):
+    """Largest b in [1, limit] with fits(b), for a monotone fits: from `guess`, step up while it fits or down while
+    it fails, by `growth` and then by its square, its fourth power, ... (a good guess costs a few tries, a bad one
+    only a logarithm), until the outcome flips; then bisect until hi - lo <= max(1, tol·lo).
+    Returns (lo, hi): lo fits (0: nothing does), hi fails (None: limit reached)."""
+    lo, hi, b, step = 0, None, max(1, min(int(guess), limit)), growth
+    while True:
+        if fits(b):
+            lo = b
+            if hi is not None or b >= limit:
+                break
+            b = min(limit, max(b + 1, int(b * step)))
+        else:
             hi = b
-            break
-        lo, b = b, 2 * b
+            if lo or b == 1:
+                break
+            b = max(1, min(b - 1, int(b / step)))
+        step *= step
     if hi is None:
         return lo, None
     while hi - lo > max(1, int(tol * lo)):
@@ -447,9 +484,17 @@ def is_oom(e):
     return isinstance(e, RuntimeError) and ("out of memory" in str(e) or "ALLOC_FAILED" in str(e))
 
 
+def predicted_batch(peaks, capacity):
+    """The batch whose peak memory reaches `capacity`, from peak memory at two batches (peak = base + slope·B)."""
+    (b1, p1), (b2, p2) = sorted(peaks.items())[:2]
+    slope = (p2 - p1) / (b2 - b1)
+    return b2 if slope <= 0 else b2 + (capacity - p2) / slope
+
+
 def bench_max_batch(model, plan, device):
-    """Row 5: the largest xl sampling batch (CFG on) that runs without running out of GPU memory."""
-    peaks = {}
+    """Row 5: the largest xl sampling batch (CFG on) that runs without running out of GPU memory. Two small
+    batches give the memory per latent; the search starts at the batch that predicts to fill the GPU."""
+    peaks, tries, t0 = {}, [], time.perf_counter()
 
     def fits(b):
         torch.cuda.reset_peak_memory_stats(device)
@@ -466,13 +511,20 @@ def bench_max_batch(model, plan, device):
         torch.cuda.empty_cache()
         if ok:
             peaks[b] = torch.cuda.max_memory_allocated(device)
+        tries.append((b, ok))
         print(f"  max batch search: B = {b} {'fits' if ok else 'out of memory'}", file=sys.stderr, flush=True)
         return ok
 
-    lo, hi = largest(fits, MAX_BATCH_START, MAX_BATCH_LIMIT, plan.bisect_tol)
     props = torch.cuda.get_device_properties(device)
+    guess = None
+    if all(fits(b) for b in MAX_BATCH_PROBES):
+        guess = predicted_batch(peaks, props.total_memory)
+        lo, hi = largest(fits, guess, MAX_BATCH_LIMIT, plan.bisect_tol)
+    else:
+        lo, hi = largest(fits, MAX_BATCH_PROBES[0], MAX_BATCH_LIMIT, plan.bisect_tol)
     return {"max_batch": lo, "first_failing": hi, "peak_bytes_at_max": peaks.get(lo),
-            "device_name": props.name, "device_bytes": props.total_memory}
+            "predicted": None if guess is None else int(guess), "tries": tries,
+            "search_s": time.perf_counter() - t0, "device_name": props.name, "device_bytes": props.total_memory}
 
 
 #################################################################################
@@ -534,7 +586,8 @@ def describe(size, codes, batch, steps):
 
 
 def split_text(split):
-    names = {"backbone": "transformer", "requantize": "requantize", "head_sample_other": "pick+draw",
+    names = {"backbone": "transformer", "head_features": "head MLP", "requantize": "requantize",
+             "head_sample_other": "head projections+pick+draw",
              "inputs": "inputs", "rest": "CFG+confidence+selection"}
     return ", ".join(f"{names[k]} {v:.1%}" for k, v in split.items())
 
@@ -543,31 +596,50 @@ def split_text(split):
 #                                     Rows                                      #
 #################################################################################
 
-def row_depth(report, plan, head, codebook_size):
+def row_depth(report, plan, head, codebook_size, narrow=False, compiled=False):
     cpu = torch.device("cpu")
-    res = bench_depth(plan, head, codebook_size, cpu)
+    batch, overrides = (NARROW_BATCH, NARROW) if narrow else (plan.batch, {})
+    res = bench_depth(plan, head, codebook_size, cpu, batch, compiled, **overrides)
     ratio = res[16]["best_s"] / res[4]["best_s"]
-    report.record("depth", device="cpu", head=head, size=plan.size, codebook_size=codebook_size, batch=plan.batch,
-                  steps=plan.steps, ratio_16_4=ratio, times={str(D): r for D, r in res.items()})
-    report.row(1, f"depth decoupling, {head} head",
-               f"{plan.size}, L={FMNIST_CODES['length']} V={codebook_size} c={FMNIST_CODES['code_dim']}, B={plan.batch} T={plan.steps} cfg={CFG_SCALE}, cpu",
+    model = "narrow (" + ", ".join(f"{k} {v}" for k, v in NARROW.items()) + ")" if narrow else plan.size
+    report.record("depth", device="cpu", head=head, size=model, codebook_size=codebook_size, batch=batch,
+                  steps=plan.steps, compiled=compiled, ratio_16_4=ratio, times={str(D): r for D, r in res.items()})
+    target = "(ablation)" if head == "tokens" else "<= 1.25" if codebook_size > 256 else "<= 1.10"
+    report.row(1 if not compiled else 6, f"depth decoupling, {head} head" + (", compiled sampler" if compiled else ""),
+               f"{model}, L={FMNIST_CODES['length']} V={codebook_size} c={FMNIST_CODES['code_dim']}, B={batch} "
+               f"T={plan.steps} cfg={CFG_SCALE}, cpu",
                ", ".join(f"D={D} {r['best_s']:.2f}s" for D, r in res.items()) + f"; D16/D4 = {ratio:.2f}",
-               "<= 1.10" if head == "mog" else "(ablation)", f"best of {plan.repeats}, interleaved")
+               target, f"best of {plan.repeats}, interleaved")
 
 
-def row_share_cpu(report, plan, codes):
+def row_share_cpu(report, plan, codes, compiled=False):
     cpu = torch.device("cpu")
-    res = bench_share(build(plan.size, codes, cpu), plan, cpu)
-    report.record("share", device="cpu", size=plan.size, batch=plan.batch, steps=plan.steps, **codes, **res)
-    report.row(2, "outside-transformer share", describe(plan.size, codes, plan.batch, plan.steps) + ", cpu",
+    res = bench_share(build(plan.size, codes, cpu, compiled=compiled), plan, cpu, split=not compiled)
+    report.record("share", device="cpu", size=plan.size, batch=plan.batch, steps=plan.steps, compiled=compiled,
+                  **codes, **res)
+    split = f"; split: {split_text(res['split_frac'])}" if "split_frac" in res else ""
+    report.row(2 if not compiled else 6, "outside-transformer share" + (", compiled sampler" if compiled else ""),
+               describe(plan.size, codes, plan.batch, plan.steps) + ", cpu",
                f"{res['share_outside']:.1%} (generate {res['generate_s']:.2f}s, {plan.steps} backbone calls "
-               f"{res['backbone_s']:.2f}s); split: {split_text(res['split_frac'])}", "<= 10%",
+               f"{res['backbone_s']:.2f}s){split}", "<= 10%",
                f"1 - T backbone calls / generate(), best of {plan.repeats}, interleaved; split: one run, wrapped functions")
+
+
+def row_requantize(report, plan, device, shapes, compiled):
+    res = bench_requantize(shapes, device, plan.repeats, compiled)
+    for r in res:
+        report.record("requantize", device=device.type, **r)
+        setting = f"{r['positions']} positions, D={r['depth']} V={r['codebook_size']} c={FMNIST_CODES['code_dim']}, {device.type}"
+        text = f"eager {r['eager']['best_s'] * 1e3:.1f} ms"
+        if "compiled" in r:
+            text += (f", compiled {r['compiled']['best_s'] * 1e3:.1f} ms ({r['eager']['best_s'] / r['compiled']['best_s']:.2f}x;"
+                     f" same codes {r['same_codes']:.1%})")
+        report.row(7, "re-quantization, one call (all depths)", setting, text, "", f"best of {plan.repeats}, interleaved")
 
 
 def row_train(report, plan, device, codes, compile_):
     model = build(plan.size, codes, device)
-    res = bench_train(model, plan, device, torch.compile(model.backbone) if compile_ else None)
+    res = bench_train(model, plan, device, compile_)
     report.record("train", device=device.type, size=plan.size, batch=plan.train_batch, **codes, **res)
     cuda = device.type == "cuda"
     setting = (f"{plan.size}, L={codes['length']} D={codes['depth']} V={codes['codebook_size']} c={codes['code_dim']}, "
@@ -585,8 +657,11 @@ def row_train(report, plan, device, codes, compile_):
 
 def row_sampling_cuda(report, plan, device, compile_):
     """Rows 4 and 2 on the same xl model."""
-    model = build(plan.size, IMAGENET_CODES, device)
-    res = bench_sampling(model, plan, device, torch.compile(model.backbone) if compile_ else None)
+    models = {"eager": build(plan.size, IMAGENET_CODES, device)}
+    if compile_:
+        models["compiled"] = build(plan.size, IMAGENET_CODES, device, compiled=True)
+    res = bench_sampling(models, plan, device)
+    model = models["eager"]
     codes = sampling_fn(model, plan.batch, plan.steps, device)()
     dec = bench_decode(codes, device, plan.repeats)
     del codes
@@ -607,6 +682,12 @@ def row_sampling_cuda(report, plan, device, compile_):
     report.row(2, "outside-transformer share, xl", setting,
                f"{share['share_outside']:.1%}; split (synchronised per call): {split_text(share['split_frac'])}", "",
                f"1 - T backbone calls / generate(), best of {plan.repeats}, interleaved")
+    if compile_:
+        share = bench_share(models["compiled"], plan, device, split=False)
+        report.record("share", device="cuda", size=plan.size, batch=plan.batch, steps=plan.steps, compiled=True,
+                      **IMAGENET_CODES, **share)
+        report.row(6, "outside-transformer share, xl, compiled sampler", setting, f"{share['share_outside']:.1%}", "",
+                   f"1 - T backbone calls / generate(), best of {plan.repeats}, interleaved")
 
 
 def row_max_batch(report, plan, device):
@@ -617,18 +698,34 @@ def row_max_batch(report, plan, device):
     c = IMAGENET_CODES
     report.row(5, "max sampling batch, xl", f"{plan.size}, L={c['length']} D={c['depth']} V={c['codebook_size']} "
                f"c={c['code_dim']}, cfg={CFG_SCALE}, eager bf16, {res['device_name']} {res['device_bytes'] / 2**30:.0f} GiB",
-               f"{res['max_batch']} latents ({bound}; peak {peak / 2**30:.1f} GiB allocated)", "paper: 1915",
-               f"double from {MAX_BATCH_START}, then bisect to {plan.bisect_tol:.0%}; {MAX_BATCH_STEPS} steps per try")
+               f"{res['max_batch']} latents ({bound}; peak {peak / 2**30:.1f} GiB allocated; predicted "
+               f"{res['predicted']}; {len(res['tries'])} tries in {res['search_s']:.0f} s)", ">= 19,150 (paper: 1,915)",
+               f"predicted from B = {MAX_BATCH_PROBES}, steps of {MAX_BATCH_GROWTH}x, then bisect to "
+               f"{plan.bisect_tol:.0%}; {MAX_BATCH_STEPS} steps per try")
 
 
 def cpu_rows(report, plan, compile_):
+    cpu = torch.device("cpu")
     for head in ("mog", "tokens"):
         for V in DEPTH_CODEBOOKS:
             with report.guard(1, f"depth decoupling, {head} head"):
                 row_depth(report, plan, head, V)
+    with report.guard(1, "depth decoupling, narrow model"):
+        row_depth(report, plan, "mog", 256, narrow=True)
     for codes in (FMNIST_CODES, IMAGENET_CODES):  # the demo's codes, then the ImageNet-like ones
         with report.guard(2, "outside-transformer share"):
             row_share_cpu(report, plan, codes)
+    with report.guard(7, "re-quantization"):
+        positions = plan.batch * FMNIST_CODES["length"]  # rows 1 and 2; the narrow model's batch
+        row_requantize(report, plan, cpu, [(positions, 16, 4096), (NARROW_BATCH * FMNIST_CODES["length"], 16, 256)],
+                       compile_)
+    if compile_:
+        with report.guard(6, "depth decoupling, compiled sampler"):
+            row_depth(report, plan, "mog", 4096, compiled=True)
+            row_depth(report, plan, "mog", 256, narrow=True, compiled=True)
+        for codes in (FMNIST_CODES, IMAGENET_CODES):
+            with report.guard(6, "outside-transformer share, compiled sampler"):
+                row_share_cpu(report, plan, codes, compiled=True)
     with report.guard(3, "training throughput"):
         row_train(report, plan, torch.device("cpu"), FMNIST_CODES, compile_)
 
@@ -637,20 +734,24 @@ def cuda_rows(report, plan, compile_):
     if not torch.cuda.is_available():
         for number, name in ((2, "outside-transformer share, xl"), (3, "training throughput and MFU, xl"),
                              (4, "sampling throughput and MFU, xl"), (5, "max sampling batch, xl"),
-                             (6, "torch.compile effect on 3 and 4")):
+                             (6, "torch.compile effect on 3 and 4"), (7, "re-quantization, xl shapes")):
             report.row(number, name, "cuda", NO_CUDA)
         return
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True  # as train.py does (the bf16 autocast regions do not use it)
     torch.backends.cudnn.allow_tf32 = True
+    # most telling first: `make bench-gpu` stops at 8 minutes, and every measurement is written as it finishes
     with report.guard(4, "sampling throughput, xl"):
         row_sampling_cuda(report, plan, device, compile_)
     free(device)  # each row builds its own xl; the last one's memory goes back before the next
-    with report.guard(3, "training throughput, xl"):
-        row_train(report, plan, device, IMAGENET_CODES, compile_)
+    with report.guard(7, "re-quantization, xl shapes"):
+        row_requantize(report, plan, device, [(plan.batch * IMAGENET_CODES["length"], 16, 4096)], compile_)
     free(device)
     with report.guard(5, "max sampling batch, xl"):
         row_max_batch(report, plan, device)
+    free(device)
+    with report.guard(3, "training throughput, xl"):
+        row_train(report, plan, device, IMAGENET_CODES, compile_)
     free(device)
 
 
@@ -672,7 +773,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="ResGen speed and memory benchmarks (prints one table).")
     p.add_argument("--quick", action="store_true", help="every row at small sizes, under a minute on a CPU")
     p.add_argument("--only", choices=["cpu", "cuda"], default=None, help="run only the CPU rows or the CUDA rows")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile(backbone) for training and sampling")
+    p.add_argument("--compile", action="store_true", help="also time compiled training (torch.compile(model)) and "
+                   "sampling (ResGen.compile_sampler)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
     p.add_argument("--json-out", default="runs/bench.jsonl", help="one JSON line per measurement is appended here")
     args = p.parse_args(argv)
@@ -681,6 +783,9 @@ def main(argv=None):
             raise UserError(f"--threads must be >= 1 (got {args.threads})")
         torch.set_num_threads(args.threads)
     check_writable_dir(os.path.dirname(os.path.abspath(args.json_out)))
+    # every model the bench builds compiles its own backbone, and requantize meets many shapes: past dynamo's
+    # default of 8 compiled versions per function it would run eager and the "compiled" rows would not be
+    torch._dynamo.config.recompile_limit = 64
 
     info = machine()
     report = Report(args.json_out, {**info, "quick": args.quick, "compile": args.compile,

@@ -609,7 +609,8 @@ def generate_samples(args, device):
     """Class-balanced samples (or --classes) from a ResGen checkpoint through sample.py (no duplicated sampling
     code). Labels to score are None when some samples are of the null class (unconditional)."""
     settings = sample.sampler_kwargs(args)                                        # validated sampler flags
-    model, tok = sample.load_for_sampling(args.ckpt, tokenizer=args.tokenizer, device=device)
+    model, tok = sample.load_for_sampling(args.ckpt, tokenizer=args.tokenizer, device=device,
+                                          compile=args.compile)
     nc = model.config.num_classes
     labels = sample.class_labels(args.n, nc, args.classes) if args.classes else torch.arange(args.n) % nc
     t0 = time.time()
@@ -634,7 +635,8 @@ def prompted_samples(args, device):
     reconstructions) and kept (what the prompt keeps, decoded alone; gray where nothing is kept), and the
     seconds per completion (sampling and decoding)."""
     settings = sample.sampler_kwargs(args)
-    model, tok = sample.load_for_sampling(args.ckpt, tokenizer=args.tokenizer, device=device)
+    model, tok = sample.load_for_sampling(args.ckpt, tokenizer=args.tokenizer, device=device,
+                                          compile=args.compile)
     t0 = time.time()
     done = sample.complete_real_items(model, tok, args.data, args.n, args.inpaint, args.keep_depth, args.classes,
                                       args.batch_size, args.seed, device, True, args.data_dir, **settings)

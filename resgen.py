@@ -263,7 +263,9 @@ def top_p_filter(logits, top_p):
     return logits.masked_fill(drop, float("-inf"))
 
 
-EXP_FLOOR = -80.0  # exp(-80) = 1.8e-35: a term below it cannot change a sum >= 1 in fp32
+LOG2E = 1.4426950408889634  # e^x = 2^(x·log2 e): torch.exp2 runs about twice as fast as torch.exp on the CPU
+EXP2_FLOOR = -115.0  # 2^-115 = 2.4e-35: a term below it cannot change a sum >= 1 in fp32
+REQUANTIZE_ROWS = 1 << 16  # positions per block: a (rows, V) fp32 distance block is 1 GiB at V = 4096, whatever B is
 
 
 def requantize(z, start, codebooks, log_scale):
@@ -273,33 +275,44 @@ def requantize(z, start, codebooks, log_scale):
     r_j = r_{j-1} - e(x_ij; j). The log-probability of the chosen code is log softmax_v(-||r_{j-1} - e(v;j)||²/(2σ²))
     with σ = e^s, the position's scale: how clearly z picks that code at the scale the model is unsure at.
     The start depth differs per position, so we loop over all D depths and only subtract where j >= start_i.
+    Positions go through in blocks of REQUANTIZE_ROWS, so the (positions, V) distances never set the sampling
+    batch's memory. `torch.compile(requantize)` fuses each depth's minimum and confidence into one kernel after
+    the matmul (ResGen.compile_sampler; BENCHMARKS.md §8).
 
     z (B, L, c), start (B, L) int64, codebooks (D, V, c), log_scale (B, L)
     -> tokens (B, L, D) int64, logp (B, L, D) float32 (0 where j < start_i; tokens there are meaningless).
     Everything in fp32: an argmin over bf16 distances picks wrong codes.
     """
     B, L, c = z.shape
-    with torch.autocast(z.device.type, enabled=False):
-        inv_var = torch.exp(-2.0 * log_scale.float()).reshape(B * L, 1)  # (BL, 1)
+    z, start, log_scale = z.reshape(B * L, c), start.reshape(B * L), log_scale.reshape(B * L)
+    blocks = [requantize_rows(z[i:i + REQUANTIZE_ROWS], start[i:i + REQUANTIZE_ROWS], codebooks,
+                              log_scale[i:i + REQUANTIZE_ROWS]) for i in range(0, B * L, REQUANTIZE_ROWS)]
+    tokens, logp = (torch.cat(parts) for parts in zip(*blocks))
+    return tokens.view(B, L, -1), logp.view(B, L, -1)
+
+
+def requantize_rows(r, start, codebooks, log_scale):
+    """requantize on a block of positions: r (N, c), start (N,), log_scale (N,) -> tokens, logp (N, D)."""
+    with torch.autocast(r.device.type, enabled=False):
+        inv_var = torch.exp(-2.0 * log_scale.float()).unsqueeze(-1)  # (N, 1)
         codebooks = codebooks.float()
         e2 = codebooks.pow(2).sum(-1)  # (D, V): ||e(v; j)||², once for all depths
-        r = z.float().reshape(B * L, c)
-        start = start.reshape(B * L)
+        r = r.float()
         tokens, logps = [], []
         for j in range(codebooks.shape[0]):
             # ||r - e_v||² less the per-row constant ||r||²: the same argmin and the same d_v - d_min, in one addmm
-            d = torch.addmm(e2[j], r, codebooks[j].t(), alpha=-2.0)  # (BL, V)
-            d_min, tok = d.min(-1, keepdim=True)  # (BL, 1)
-            # log softmax at the argmin = -log Σ_v exp(-(d_v - d_min)/(2σ²)). The sum is >= 1 (the argmin's own
-            # term), so it needs no max-shift; in place, so no further (BL, V) temporaries; the floor keeps exp off
-            # the CPU's slow path for results that underflow (most codes once σ is small).
-            logp = -d.sub_(d_min).mul_(-0.5 * inv_var).clamp_(min=EXP_FLOOR).exp_().sum(-1).log_()  # (BL,)
-            active = start <= j  # (BL,)
+            d = torch.addmm(e2[j], r, codebooks[j].t(), alpha=-2.0)  # (N, V)
+            d_min, tok = d.min(-1, keepdim=True)  # (N, 1)
+            # log softmax at the argmin = -log Σ_v exp(-(d_v - d_min)/(2σ²)), each term as a power of 2. The sum is
+            # >= 1 (the argmin's own term), so it needs no max-shift; in place, so no further (N, V) temporaries;
+            # the floor keeps exp2 off the CPU's slow path for results that underflow (most codes once σ is small).
+            logp = -d.sub_(d_min).mul_(-0.5 * LOG2E * inv_var).clamp_(min=EXP2_FLOOR).exp2_().sum(-1).log_()  # (N,)
+            active = start <= j  # (N,)
             tok = tok.squeeze(-1)
             r = torch.where(active.unsqueeze(-1), r - codebooks[j][tok], r)
             tokens.append(tok)
             logps.append(logp * active)
-    return torch.stack(tokens, -1).view(B, L, -1), torch.stack(logps, -1).view(B, L, -1)
+    return torch.stack(tokens, -1), torch.stack(logps, -1)
 
 
 #################################################################################
@@ -493,7 +506,9 @@ class MoGHead(nn.Module):
         k = draw_component(logits, top_p, generator)  # (B, L)
         eps = torch.randn(shift.shape, generator=generator, device=shift.device)
         z = shift + log_scale.exp() * (self.drawn_means(f, k) + temperature * eps)  # (B, L, c)
-        return requantize(z, prefix, codebooks, log_scale.squeeze(-1))
+        return self.requantize(z, prefix, codebooks, log_scale.squeeze(-1))
+
+    requantize = staticmethod(requantize)  # ResGen.compile_sampler puts the compiled one on the instance
 
 
 class TokenHead(nn.Module):
@@ -599,6 +614,19 @@ class ResGen(nn.Module):
     def num_params(self):
         """Trainable parameters (the frozen codebooks are a buffer, not counted)."""
         return sum(p.numel() for p in self.parameters())
+
+    def compile_sampler(self):
+        """torch.compile the sampler's two heavy parts: the transformer pass (backbone) and the MoG head's
+        re-quantiser. On CUDA in "reduce-overhead" mode, so each compiled part replays as a CUDA graph (the
+        shapes are the same at every step; one graph per batch size). forward() calls the same self.backbone: call
+        this on a model used to sample, not on one still training. Eager stays the default: the
+        compile takes tens of seconds and pays only over many samples (BENCHMARKS.md §8). Returns self."""
+        # dynamic=False: a new batch size compiles anew; kernels for symbolic shapes run slower on the CPU
+        mode = "reduce-overhead" if self.codebooks.device.type == "cuda" else None
+        self.backbone = torch.compile(self.backbone, mode=mode, dynamic=False)
+        if isinstance(self.head, MoGHead):
+            self.head.requantize = torch.compile(requantize, mode=mode, dynamic=False)
+        return self
 
     # ---- backbone --------------------------------------------------------------------------------------
     def backbone(self, visible, num_masked, labels):
@@ -740,6 +768,8 @@ class ResGen(nn.Module):
         was_training = self.training
         self.eval()
         for s in range(1, steps + 1):
+            # a new step for CUDA graphs (compile_sampler): the last step's graph outputs are no longer read
+            torch.compiler.cudagraph_mark_step_begin()
             # 1. one forward pass; cond and null halves in one batch when guided
             visible, _ = cumulative_embeddings(codes, masked, self.codebooks)  # (B, L, c)
             num_masked = masked.sum(-1)  # (B, L): k_i = D - p_i

@@ -46,6 +46,8 @@ def add_sampler_args(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=default_device())
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer and the re-quantiser "
+                   "(CUDA graphs on a GPU): pays over many samples, not for one grid (BENCHMARKS.md 8)")
     p.add_argument("--classes", default=None, help="comma-separated class labels, cycled (default: balanced; with a "
                    "prompt, the real images' labels); 'null' is the null class (unconditional)")
     p.add_argument("--inpaint", default=None, choices=INPAINT_REGIONS,
@@ -71,10 +73,13 @@ def sampler_kwargs(args):
     return {k: getattr(args, k) for k in SAMPLER_DEFAULTS}
 
 
-def load_for_sampling(ckpt, tokenizer=None, device="cpu", decoder=True):
+def load_for_sampling(ckpt, tokenizer=None, device="cpu", decoder=True, compile=False):
     """(ResGen with EMA weights, Tokenizer) on `device`; the tokenizer must be the one that made the codes.
-    decoder=False: the tokenizer is optional (None when neither given nor named by the checkpoint): codes only."""
+    decoder=False: the tokenizer is optional (None when neither given nor named by the checkpoint): codes only.
+    compile: ResGen.compile_sampler (the first batch then takes the compile time)."""
     model = load_resgen(ckpt, ema=True, device=device)
+    if compile:
+        model.compile_sampler()
     path = tokenizer or model.meta.get("tokenizer")
     if not path and not decoder:
         return model, None
@@ -281,7 +286,8 @@ def main(argv=None):
         raise UserError(f"--codes-out must name a .npy file (got {args.codes_out})")
     for path in filter(None, (out, args.npz, args.codes_out)):
         check_writable_dir(os.path.dirname(os.path.abspath(path)))
-    model, tok = load_for_sampling(args.ckpt, args.tokenizer, device, decoder=bool(out or args.npz))
+    model, tok = load_for_sampling(args.ckpt, args.tokenizer, device, decoder=bool(out or args.npz),
+                                   compile=args.compile)
     grid, D = model.meta.get("grid", [model.config.length]), model.config.depth
     prompted = args.inpaint is not None or args.keep_depth != 0
     t0 = time.time()

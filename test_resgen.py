@@ -649,6 +649,42 @@ def test_requantize_matches_rvq_and_naive_log_softmax(seed, D, V, c, log_sigma):
             assert bool((logp[b, i, :p] == 0).all())
 
 
+def test_requantize_blocks_give_the_same_result(monkeypatch):
+    """Positions go through requantize in blocks of REQUANTIZE_ROWS (memory); the blocks change nothing."""
+    g = torch.Generator().manual_seed(4)
+    cb = random_codebooks(3, 32, 8, seed=5)
+    z = torch.randn(4, 9, 8, generator=g)
+    start = torch.randint(0, 4, (4, 9), generator=g)
+    log_scale = torch.randn(4, 9, generator=g) * 0.5 - 1
+    whole = resgen.requantize(z, start, cb, log_scale)
+    monkeypatch.setattr(resgen, "REQUANTIZE_ROWS", 5)  # 36 positions: 7 full blocks and one of 1
+    blocked = resgen.requantize(z, start, cb, log_scale)
+    assert torch.equal(whole[0], blocked[0]) and torch.equal(whole[1], blocked[1])
+
+
+def test_compiled_sampler_matches_eager():
+    """ResGen.compile_sampler (torch.compile of the backbone and the re-quantiser) picks the same codes as the
+    eager sampler on the CPU: the compiled re-quantiser's codes equal RVQ-by-addmm's, its confidences agree to
+    fp32 rounding, and a whole guided, prompted generate() returns the same codes for the same seed."""
+    m = tiny_model(L=8, D=3, V=16)
+    labels = torch.tensor([0, 1, 2, 5])
+    prompt, given = random_prompt(4, 8, 3, 16, seed=6)
+    kw = dict(steps=4, cfg=2.0, top_p=0.9, prompt_codes=prompt, prompt_mask=given)
+    eager = m.generate(labels, generator=torch.Generator().manual_seed(0), **kw)
+    m.compile_sampler()
+    assert "requantize" in m.head.__dict__ and "backbone" in m.__dict__
+    compiled = m.generate(labels, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(eager, compiled)
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(4, 8, m.config.code_dim, generator=g)
+    start = torch.randint(0, 4, (4, 8), generator=g)
+    log_scale = torch.randn(4, 8, generator=g) - 2
+    tok, logp = resgen.requantize(z, start, m.codebooks, log_scale)
+    tok_c, logp_c = m.head.requantize(z, start, m.codebooks, log_scale)
+    assert torch.equal(tok, tok_c)
+    assert torch.allclose(logp, logp_c, atol=1e-5, rtol=1e-5)
+
+
 def count_passes(model):
     """Forward hook on the head: one call per transformer pass; records the batch each pass saw."""
     seen = []
@@ -1815,6 +1851,31 @@ def test_cuda_sampler_never_syncs_and_is_reproducible(head, prompted):
     assert torch.equal(codes, again)
     if prompted:
         assert torch.equal(codes.cpu()[given], prompt[given])
+
+
+@given(st.integers(1, 5000), st.integers(1, 9000), st.sampled_from([0.0, 1 / 32, 1 / 4]))
+@settings(max_examples=60, deadline=None)
+def test_max_batch_search_finds_the_boundary(first_fail, guess, tol):
+    """bench.largest on a monotone fits (b fits iff b < first_fail): whatever the guess, it returns lo that fits
+    and hi that fails with hi - lo within the tolerance, and tries few batches (a try on a GPU takes seconds)."""
+    import bench
+    tried = []
+
+    def fits(b):
+        tried.append(b)
+        return b < first_fail
+
+    lo, hi = bench.largest(fits, guess, limit=1 << 17, tol=tol)
+    assert lo == first_fail - 1 if tol == 0 else lo < first_fail <= hi
+    assert hi is not None and hi >= first_fail and hi - lo <= max(1, int(tol * lo))
+    assert len(tried) <= 30
+
+
+def test_max_batch_prediction_is_affine():
+    """Peak memory base + slope·B at two batches predicts the batch that fills the capacity."""
+    import bench
+    peaks = {256: 10e9 + 256 * 2e6, 512: 10e9 + 512 * 2e6}
+    assert abs(bench.predicted_batch(peaks, 80e9) - 35000) < 1e-6
 
 
 def test_bench_quick_runs_every_row(tmp_path):
