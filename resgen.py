@@ -620,7 +620,7 @@ class ResGen(nn.Module):
         re-quantiser. On CUDA in "reduce-overhead" mode, so each compiled part replays as a CUDA graph (the
         shapes are the same at every step; one graph per batch size). forward() calls the same self.backbone: call
         this on a model used to sample, not on one still training. Eager stays the default: the
-        compile takes tens of seconds and pays only over many samples (BENCHMARKS.md §8). Returns self."""
+        compile takes tens of seconds and pays only over many samples (BENCHMARKS.md §6). Returns self."""
         # dynamic=False: a new batch size compiles anew; kernels for symbolic shapes run slower on the CPU
         mode = "reduce-overhead" if self.codebooks.device.type == "cuda" else None
         self.backbone = torch.compile(self.backbone, mode=mode, dynamic=False)
