@@ -869,25 +869,36 @@ def measure_latent_scale(tok, images, batch_size=256):
 
 @torch.no_grad()
 def psnr_by_depth(tok, images, batch_size=256):
-    """PSNR (dB, images in [0, 1]) of reconstructions decoded from depth prefixes 1..D, and per-depth code counts."""
+    """How much each RVQ depth carries, over `images` (in [0, 1] for the PSNR). Returns a dict:
+    psnr (D,): dB of reconstructions decoded from depth prefixes 1..D; psnr_latent: dB of the unquantised latent
+    decoded, the ceiling no depth can pass; residual_db (D,): the latent's relative residual after each prefix,
+    10·log10(Σ‖z − Σ_{j≤d} e_j‖² / Σ‖z‖²); perplexity (D,) and used (D,): code usage per depth."""
     dev = tok.scale.device
     D, V = tok.rvq.depth, tok.rvq.codebook_size
     se = torch.zeros(D, dtype=torch.float64)
+    residual = torch.zeros(D, dtype=torch.float64)
+    se_latent, energy = 0.0, 0.0
     counts = torch.zeros(D, V, dtype=torch.float64)
     for i in range(0, len(images), batch_size):
         x = to_float(images[i:i + batch_size]).to(dev)
-        codes = tok.encode(x)
+        z = tok.encode_latent(x).float()  # (B, h, w, c)
+        codes = tok.rvq.quantize(z)
         for j in range(D):
             counts[j] += torch.bincount(codes[..., j].flatten(), minlength=V).double().cpu()
+        prefix = tok.rvq.embed(codes).cumsum(-2)  # (B, h, w, D, c): the quantised latent after each depth
+        residual += (z.unsqueeze(-2) - prefix).pow(2).sum((0, 1, 2, 4)).double().cpu()
+        energy += z.pow(2).sum().double().item()
         for d in range(1, D + 1):
             rec = tok.decode(codes[..., :d])
             se[d - 1] += ((rec - x) / 2).pow(2).double().sum().cpu()
-    mse = se / (len(images) * images[0].size)
-    psnr = (10 * torch.log10(1.0 / mse)).tolist()
+        se_latent += ((tok.decode_latent(z).float().clamp(-1, 1) - x) / 2).pow(2).double().sum().item()
+    pixels = len(images) * images[0].size
     p = counts / counts.sum(-1, keepdim=True)
-    perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum(-1)).tolist()
-    used = (counts > 0).double().mean(-1).tolist()
-    return psnr, perplexity, used
+    return {"psnr": (10 * torch.log10(pixels / se)).tolist(),
+            "psnr_latent": 10 * math.log10(pixels / max(se_latent, 1e-30)),
+            "residual_db": (10 * torch.log10(residual / max(energy, 1e-30))).tolist(),
+            "perplexity": torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum(-1)).tolist(),
+            "used": (counts > 0).double().mean(-1).tolist()}
 
 
 def cmd_train(args):
@@ -1025,12 +1036,14 @@ def cmd_reconstruct(args):
     images, _, _ = load_images(args.data, args.split, args.data_dir, tok.cfg.image_size, args.limit)
     folder = os.path.dirname(os.path.abspath(args.out))
     check_writable_dir(folder)
-    psnr, perplexity, used = psnr_by_depth(tok, images)
-    print(f"{len(images)} {args.split} images, codebook size {tok.cfg.codebook_size}")
-    print("depth | PSNR (dB) | perplexity | codes used")
+    stats = psnr_by_depth(tok, images)
+    print(f"{len(images)} {args.split} images, codebook size {tok.cfg.codebook_size}; the unquantised latent "
+          f"decodes to {stats['psnr_latent']:.2f} dB")
+    print("depth | PSNR (dB) | gap to latent (dB) | latent residual (dB) | perplexity | codes used")
     for d in range(tok.cfg.depth):
-        print(f"{d + 1:5d} | {psnr[d]:9.2f} | {perplexity[d]:10.1f} | {used[d] * 100:9.1f}%")
-    print(json.dumps({"psnr": psnr, "perplexity": perplexity, "used": used, "n": len(images)}))
+        print(f"{d + 1:5d} | {stats['psnr'][d]:9.2f} | {stats['psnr_latent'] - stats['psnr'][d]:18.2f} | "
+              f"{stats['residual_db'][d]:20.2f} | {stats['perplexity'][d]:10.1f} | {stats['used'][d] * 100:9.1f}%")
+    print(json.dumps({**stats, "n": len(images)}))
     # The picture: originals on top, then decodes from depth prefixes 1..D (coarse to fine).
     k = min(args.show, len(images))
     x = to_float(images[:k]).to(device)
