@@ -332,6 +332,7 @@ def test_tokenizer_bad_inputs(tmp_path, tiny_tokenizer):
         ("encode", "--ckpt", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o5")),
         ("reconstruct", "--ckpt", str(corrupt)),
         ("train", "--steps", "0", "--out", str(tmp_path / "o6")),
+        ("train", "--commit-weight", "-1", "--out", str(tmp_path / "o7")),
     ]
     for args in cases:
         p = run_cmd("tokenizer.py", *args, "--device", "cpu", check=False, timeout=120)

@@ -913,11 +913,14 @@ def cmd_train(args):
     if args.config not in CONFIGS:
         raise UserError(f"unknown --config {args.config!r} (choose from {', '.join(CONFIGS)})")
     overrides = {k: v for k, v in dict(depth=args.depth, codebook_size=args.codebook_size, code_dim=args.code_dim,
-                                       shared_codebook=args.shared_codebook or None).items() if v is not None}
+                                       shared_codebook=args.shared_codebook or None,
+                                       commit_weight=args.commit_weight).items() if v is not None}
     base = {**CONFIGS[args.config], **overrides}
     if base["depth"] < 1 or base["codebook_size"] < 2 or base["code_dim"] < 1:
         raise UserError(f"--depth must be >= 1, --codebook-size >= 2, --code-dim >= 1 (got {base['depth']}, "
                         f"{base['codebook_size']}, {base['code_dim']})")
+    if args.commit_weight is not None and not args.commit_weight >= 0:
+        raise UserError(f"--commit-weight must be >= 0 (got {args.commit_weight})")
     if base["codebook_size"] > 65536:
         raise UserError("--codebook-size must be <= 65536 (code caches store uint16)")
     ds, num_classes = open_images(args.data, "train", args.data_dir, args.image_size or base["image_size"], args.limit)
@@ -1074,6 +1077,8 @@ def main(argv=None):
     t.add_argument("--codebook-size", type=int, default=None, help="V: codes per codebook (default: the config's)")
     t.add_argument("--code-dim", type=int, default=None, help="c: latent dimension (default: the config's)")
     t.add_argument("--shared-codebook", action="store_true", help="one codebook for all depths")
+    t.add_argument("--commit-weight", type=float, default=None,
+                   help="beta of the cumulative commitment loss (default: the config's, 0.25)")
     t.add_argument("--steps", type=int, default=600)
     t.add_argument("--batch-size", type=int, default=128, help="global batch (split over torchrun processes)")
     t.add_argument("--lr", type=float, default=1e-3)
