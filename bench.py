@@ -216,15 +216,19 @@ def summary(seconds):
 #                              Models and workloads                             #
 #################################################################################
 
+def trained_like_codebooks(depth, codebook_size, code_dim, generator=None):
+    """Random codebooks (D, V, c) in scaled units with a trained RVQ's spread: depth j has rms 1 / (1 + 2j)."""
+    rms = 1.0 / (1.0 + CODEBOOK_RMS_DECAY * torch.arange(depth))  # (D,)
+    return rms[:, None, None] * torch.randn(depth, codebook_size, code_dim, generator=generator)
+
+
 def build(size, codes, device, head="mog", seed=0, compiled=False, **overrides):
     """ResGen with random weights, random codebooks (D, V, c) in scaled units and a trained-like σ, in eval mode;
     compiled: with ResGen.compile_sampler. overrides: ResGenConfig fields (NARROW)."""
     torch.manual_seed(seed)
     config = make_config(size, head=head, **codes, **overrides)
     with torch.device(device):  # initialise on the device: xl's 574M parameters are slow to init on a CPU
-        rms = 1.0 / (1.0 + CODEBOOK_RMS_DECAY * torch.arange(config.depth))  # (D,)
-        codebooks = rms[:, None, None] * torch.randn(config.depth, config.codebook_size, config.code_dim)
-        model = ResGen(config, codebooks)
+        model = ResGen(config, trained_like_codebooks(config.depth, config.codebook_size, config.code_dim))
     if head == "mog":  # the per-position log-scale s starts at 0 (MoGHead.initialize); give it a trained value
         with torch.no_grad():
             model.head.log_scale.bias.fill_(SAMPLE_LOG_SIGMA)
@@ -434,8 +438,8 @@ def bench_requantize(shapes, device, repeats, compiled):
     out = []
     for positions, D, V in shapes:
         g = torch.Generator(device=device).manual_seed(0)
-        rms = 1.0 / (1.0 + CODEBOOK_RMS_DECAY * torch.arange(D, device=device))
-        cb = rms[:, None, None] * torch.randn(D, V, FMNIST_CODES["code_dim"], generator=g, device=device)
+        with torch.device(device):
+            cb = trained_like_codebooks(D, V, FMNIST_CODES["code_dim"], generator=g)
         z = torch.randn(1, positions, cb.shape[-1], generator=g, device=device)
         start = torch.randint(0, D + 1, (1, positions), generator=g, device=device)
         log_scale = torch.full((1, positions), SAMPLE_LOG_SIGMA, device=device)
@@ -516,12 +520,9 @@ def bench_max_batch(model, plan, device):
         return ok
 
     props = torch.cuda.get_device_properties(device)
-    guess = None
-    if all(fits(b) for b in MAX_BATCH_PROBES):
-        guess = predicted_batch(peaks, props.total_memory)
-        lo, hi = largest(fits, guess, MAX_BATCH_LIMIT, plan.bisect_tol)
-    else:
-        lo, hi = largest(fits, MAX_BATCH_PROBES[0], MAX_BATCH_LIMIT, plan.bisect_tol)
+    # the probes that fit predict the start; if one fails, the search starts below it
+    guess = predicted_batch(peaks, props.total_memory) if all(fits(b) for b in MAX_BATCH_PROBES) else None
+    lo, hi = largest(fits, guess or min(b for b, ok in tries if not ok) - 1, MAX_BATCH_LIMIT, plan.bisect_tol)
     return {"max_batch": lo, "first_failing": hi, "peak_bytes_at_max": peaks.get(lo),
             "predicted": None if guess is None else int(guess), "tries": tries,
             "search_s": time.perf_counter() - t0, "device_name": props.name, "device_bytes": props.total_memory}

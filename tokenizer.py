@@ -885,7 +885,7 @@ def psnr_by_depth(tok, images, batch_size=256):
         codes = tok.rvq.quantize(z)
         for j in range(D):
             counts[j] += torch.bincount(codes[..., j].flatten(), minlength=V).double().cpu()
-        prefix = tok.rvq.embed(codes).cumsum(-2)  # (B, h, w, D, c): the quantised latent after each depth
+        prefix = tok.rvq.prefix_sums(codes)  # (B, h, w, D, c): the quantised latent after each depth
         residual += (z.unsqueeze(-2) - prefix).pow(2).sum((0, 1, 2, 4)).double().cpu()
         energy += z.pow(2).sum().double().item()
         for d in range(1, D + 1):
