@@ -6,11 +6,12 @@
 # make sweep: the sampler grids of RESULTS.md sections 3 and 4 with the fast metric (--no-fid) for SWEEP_CKPTS
 # make figures: the paper's Fig. 2 and Fig. 3 from the JSON lines in FIGURE_RESULTS, as PNGs in figures/
 # make bench-gpu: every GPU row of BENCHMARKS.md (xl, eager and compiled) in one run of at most 8 minutes
+# make depth: RESULTS.md section 8, RVQ depth 4 / 8 / 16: tokenizers, MoG and token heads, the T x w grid, Fig. 2
 PY ?= python3
 RUNS ?= runs
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: setup setup-test demo test study prompted sweep figures bench-gpu clean
+.PHONY: setup setup-test demo test study prompted sweep figures bench-gpu depth clean
 
 setup:
 	$(PY) -m pip install --quiet torch==2.13.0
@@ -174,6 +175,51 @@ FIGURE_DIR ?= figures
 figures:
 	$(PY) -m pip install --quiet matplotlib
 	$(PY) eval_fid.py plot $(FIGURE_RESULTS) --metric $(FIGURE_METRICS) --out $(FIGURE_DIR)
+
+# RESULTS.md section 8: the same study at each RVQ depth in DEPTHS. Per D, in $(DEPTH_OUT)/d$$D: a tokenizer
+# (DEPTH_TOK_STEPS steps, commitment DEPTH_BETA; its per-depth PSNR report in reconstruct.txt), its codes, the MoG
+# and token heads trained DEPTH_STEPS steps each (mog/, tokens/), then the fast metric (classifier-space distance,
+# precision/recall, class accuracy; N = DEPTH_N) of the reconstructions and of samples at T = 4..32 with w = 1 and
+# DEPTH_CFG, one JSON line each in $(DEPTH_OUT)/results.jsonl, drawn as the paper's Fig. 2 (metric against
+# sampling seconds per image, a line per model) in $(DEPTH_OUT)/figures. A finished stage is not run again.
+# On the 2-core CPU the defaults take about 4 hours; on a GPU: make depth DEPTH_DEVICE=cuda DEPTH_STEPS=20000 ...
+DEPTHS ?= 4 8 16
+DEPTH_OUT ?= $(RUNS)/depth
+DEPTH_TOK_STEPS ?= 600
+DEPTH_BETA ?= 0.05
+DEPTH_STEPS ?= 1200
+DEPTH_BATCH ?= 32
+DEPTH_N ?= 500
+DEPTH_REF_N ?= 10000
+DEPTH_CFG ?= 3
+DEPTH_DEVICE ?= cpu
+DEPTH_EVAL = --no-fid --n $(DEPTH_N) --ref train --ref-n $(DEPTH_REF_N) --classifier $(RUNS)/classifier.pt --batch-size 100 \
+  --device $(DEPTH_DEVICE) --json-out $(DEPTH_OUT)/results.jsonl
+
+depth: setup
+	@set -e; mkdir -p $(DEPTH_OUT); \
+	test -f $(RUNS)/classifier.pt || \
+	  $(PY) eval_fid.py train-classifier --data fashion_mnist --epochs 1 --out $(RUNS)/classifier.pt --device $(DEPTH_DEVICE); \
+	for D in $(DEPTHS); do d=$(DEPTH_OUT)/d$$D; \
+	  test -f $$d/reconstruct.txt || { \
+	    $(PY) tokenizer.py train --data fashion_mnist --out $$d/tokenizer --steps $(DEPTH_TOK_STEPS) --depth $$D \
+	      --commit-weight $(DEPTH_BETA) --device $(DEPTH_DEVICE); \
+	    $(PY) tokenizer.py reconstruct --ckpt $$d/tokenizer/last.pt --data fashion_mnist --split test --limit 2000 \
+	      --out $$d/reconstruct.png --device $(DEPTH_DEVICE) > $$d/reconstruct.tmp; mv $$d/reconstruct.tmp $$d/reconstruct.txt; \
+	    $(PY) eval_fid.py --ckpt $$d/tokenizer/last.pt $(DEPTH_EVAL); }; \
+	  test -f $$d/codes/meta.json || \
+	    $(PY) tokenizer.py encode --ckpt $$d/tokenizer/last.pt --data fashion_mnist --split train --out $$d/codes \
+	      --device $(DEPTH_DEVICE); \
+	  for h in mog tokens; do \
+	    test -f $$d/$$h.done || { \
+	      $(PY) train.py --data $$d/codes --model small --head $$h --out $$d/d$${D}_$$h --steps $(DEPTH_STEPS) \
+	        --batch-size $(DEPTH_BATCH) --lr 1e-3 --warmup 100 --log-every 200 --ckpt-every 500 --device $(DEPTH_DEVICE); \
+	      for w in 1 $(DEPTH_CFG); do for T in 4 8 16 32; do \
+	        $(PY) eval_fid.py --ckpt $$d/d$${D}_$$h/last.pt $(DEPTH_EVAL) --steps $$T --cfg $$w --temperature 0.7; \
+	      done; done; touch $$d/$$h.done; }; \
+	  done; done; \
+	$(PY) -m pip install --quiet matplotlib; \
+	$(PY) eval_fid.py plot $(DEPTH_OUT)/results.jsonl --metric fd_classifier,precision,class_acc --out $(DEPTH_OUT)/figures
 
 test: setup-test
 	$(PY) -m pytest -q test_resgen.py
