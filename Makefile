@@ -178,7 +178,7 @@ figures:
 
 # RESULTS.md section 8: the same study at each RVQ depth in DEPTHS. Per D, in $(DEPTH_OUT)/d$$D: a tokenizer
 # (DEPTH_TOK_STEPS steps, commitment DEPTH_BETA; its per-depth PSNR report in reconstruct.txt), its codes, the MoG
-# and token heads trained DEPTH_STEPS steps each (mog/, tokens/), then the fast metric (classifier-space distance,
+# and token heads trained DEPTH_STEPS steps each (d$$D_mog/, d$$D_tokens/), then the fast metric (classifier-space distance,
 # precision/recall, class accuracy; N = DEPTH_N) of the reconstructions and of samples at T = 4..32 with w = 1 and
 # DEPTH_CFG, one JSON line each in $(DEPTH_OUT)/results.jsonl, drawn as the paper's Fig. 2 (metric against
 # sampling seconds per image, a line per model) in $(DEPTH_OUT)/figures. A finished stage is not run again.
