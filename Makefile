@@ -181,7 +181,8 @@ figures:
 # and token heads trained DEPTH_STEPS steps each (d$$D_mog/, d$$D_tokens/), then the fast metric (classifier-space distance,
 # precision/recall, class accuracy; N = DEPTH_N) of the reconstructions and of samples at T = 4..32 with w = 1 and
 # DEPTH_CFG, one JSON line each in $(DEPTH_OUT)/results.jsonl, drawn as the paper's Fig. 2 (metric against
-# sampling seconds per image, a line per model) in $(DEPTH_OUT)/figures. A finished stage is not run again.
+# sampling seconds per image, a line per model; one folder per guidance scale) in $(DEPTH_OUT)/figures/w1 and
+# w$(DEPTH_CFG). A finished stage is not run again.
 # On the 2-core CPU the defaults take about 4 hours; on a GPU: make depth DEPTH_DEVICE=cuda DEPTH_STEPS=20000 ...
 DEPTHS ?= 4 8 16
 DEPTH_OUT ?= $(RUNS)/depth
@@ -219,7 +220,9 @@ depth: setup
 	      done; done; touch $$d/$$h.done; }; \
 	  done; done; \
 	$(PY) -m pip install --quiet matplotlib; \
-	$(PY) eval_fid.py plot $(DEPTH_OUT)/results.jsonl --metric fd_classifier,precision,class_acc --out $(DEPTH_OUT)/figures
+	for w in 1 $(DEPTH_CFG); do \
+	  $(PY) eval_fid.py plot $(DEPTH_OUT)/results.jsonl --metric fd_classifier,precision,class_acc --where cfg=$$w \
+	    --out $(DEPTH_OUT)/figures/w$$w; done
 
 test: setup-test
 	$(PY) -m pytest -q test_resgen.py

@@ -955,6 +955,27 @@ def read_results(paths):
     return rows
 
 
+def select_rows(rows, where):
+    """The rows whose sampler setting (or result field) KEY equals VALUE for every "KEY=VALUE" in `where`
+    (numbers compare as numbers: cfg=3 matches 3.0): one figure per guidance scale, say, when many lines share one."""
+    def parse(text):
+        try:
+            return float(text)
+        except ValueError:
+            return text
+    wanted = []
+    for item in where or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--where wants KEY=VALUE (e.g. cfg=3), got {item!r}")
+        wanted.append((key, parse(value)))
+
+    def value_of(row, key):
+        v = row["sampler"].get(key, row.get(key))
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else parse(str(v))
+    return [r for r in rows if all(value_of(r, k) == v for k, v in wanted)]
+
+
 def model_label(ckpt):
     """runs/gpu_mog/last.pt -> gpu_mog (the run folder); other file names -> the name without its extension."""
     base = os.path.basename(ckpt or "?")
@@ -1055,7 +1076,7 @@ def plot(args):
     bad = [m for m in metrics if m not in METRICS]
     if bad or not metrics:
         raise UserError(f"unknown --metric {', '.join(bad) or '(none)'} (one or more of {', '.join(METRICS)})")
-    rows = read_results(args.results)
+    rows = select_rows(read_results(args.results), args.where)
     plt = _pyplot()
     tokenizer.check_writable_dir(args.out)
     drawn = []
@@ -1067,7 +1088,8 @@ def plot(args):
                 drawn.append(path)
                 print(f"wrote {path}: {lines} line(s)")
     if not drawn:
-        raise UserError(f"nothing to draw: no two result rows in {', '.join(args.results)} differ only in one "
+        raise UserError(f"nothing to draw: no two result rows in {', '.join(args.results)}"
+                        f"{' with ' + ' '.join(args.where) if args.where else ''} differ only in one "
                         f"sampler setting and both have {' or '.join(metrics)}")
     return drawn
 
@@ -1130,6 +1152,8 @@ def build_plot_parser():
     p.add_argument("--metric", action="append", default=None,
                    help=f"what to draw, repeatable or comma-separated: {', '.join(METRICS)} (default fid)")
     p.add_argument("--out", default="figures", help="folder for the PNGs, named METRIC_vs_KNOB.png")
+    p.add_argument("--where", action="append", default=None, metavar="KEY=VALUE",
+                   help="draw only the rows with this sampler setting or result field, repeatable (e.g. cfg=3)")
     return p
 
 

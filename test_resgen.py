@@ -1654,6 +1654,13 @@ def test_figure_lines_group_rows_by_everything_but_the_knob():
     # Fig. 2: a line per model and w over T, x = sampling seconds; other devices would be other lines
     seconds = eval_fid.figure_lines(rows, "sampling_seconds_per_image", "fd_classifier")
     assert len(seconds) == 4 and all(len(p) == 3 for p in seconds.values())
+    # --where keeps the rows of one setting: cfg=3 matches 3.0, a result field matches too
+    w3 = eval_fid.select_rows(rows, ["cfg=3"])
+    assert w3 and all(r["sampler"]["cfg"] == 3.0 for r in w3) and len(w3) < len(rows)
+    assert len(eval_fid.figure_lines(w3, "steps", "fd_classifier")) == 2
+    assert eval_fid.select_rows(rows, ["cfg=3", "ckpt=runs/mog/last.pt"]) == [
+        r for r in w3 if r["ckpt"] == "runs/mog/last.pt"]
+    assert eval_fid.select_rows(rows, []) == rows and eval_fid.select_rows(rows, ["cfg=2"]) == []
 
 
 def _needs_matplotlib():
@@ -1678,10 +1685,14 @@ def test_plot_command_writes_the_figures(tmp_path):
     for name in want:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "fd_classifier_vs_steps.png: 4 line(s)" in p.stdout
+    p = run_cmd("eval_fid.py", "plot", str(results), "--metric", "fd_classifier", "--where", "cfg=1",
+                "--out", str(tmp_path / "w1"))
+    assert "fd_classifier_vs_steps.png: 2 line(s)" in p.stdout
 
 
 @pytest.mark.parametrize("case,needle", [("missing", "not found"), ("garbage", ":2: not a result line"),
-                                         ("metric", "unknown --metric"), ("empty", "nothing to draw")])
+                                         ("metric", "unknown --metric"), ("empty", "nothing to draw"),
+                                         ("where", "--where wants KEY=VALUE"), ("nomatch", "with cfg=2 differ")])
 def test_plot_bad_input_one_line(tmp_path, case, needle):
     _needs_matplotlib()
     results = tmp_path / "r.jsonl"
@@ -1690,6 +1701,7 @@ def test_plot_bad_input_one_line(tmp_path, case, needle):
                        + "".join(json.dumps(r) + "\n" for r in rows[1:]))
     out = tmp_path / "figs"
     args = [str(tmp_path / "nope.jsonl") if case == "missing" else str(results), "--out", str(out)]
+    args += {"where": ["--where", "cfg"], "nomatch": ["--where", "cfg=2"]}.get(case, [])
     p = run_cmd("eval_fid.py", "plot", *args, "--metric", "fd_clasifier" if case == "metric" else "fd_classifier",
                 check=False)
     assert_clean_error(p)
