@@ -183,7 +183,8 @@ figures:
 # DEPTH_CFG, one JSON line each in $(DEPTH_OUT)/results.jsonl, drawn as the paper's Fig. 2 (metric against
 # sampling seconds per image, a line per model; one folder per guidance scale) in $(DEPTH_OUT)/figures/w1 and
 # w$(DEPTH_CFG). A finished stage is not run again.
-# On the 2-core CPU the defaults take about 4 hours; on a GPU: make depth DEPTH_DEVICE=cuda DEPTH_STEPS=20000 ...
+# On the 2-core CPU the defaults take about 4.5 hours at one thread (two processes side by side, DEPTHS=4 and
+# DEPTHS="16 8": about 2.5 hours); on a GPU: make depth DEPTH_DEVICE=cuda DEPTH_STEPS=20000 ...
 DEPTHS ?= 4 8 16
 DEPTH_OUT ?= $(RUNS)/depth
 DEPTH_TOK_STEPS ?= 600
