@@ -10,6 +10,10 @@
 PY ?= python3
 RUNS ?= runs
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+# the classifier of the fast metric and class accuracy, trained once and shared by demo, study and depth;
+# used as `$(CLASSIFIER) DEVICE;` inside a recipe
+CLASSIFIER = test -f $(RUNS)/classifier.pt || $(PY) eval_fid.py train-classifier --data fashion_mnist --epochs 1 \
+  --out $(RUNS)/classifier.pt --device
 
 .PHONY: setup setup-test demo test study prompted sweep figures bench-gpu depth clean
 
@@ -40,8 +44,7 @@ demo: setup
 	$(PY) train.py --data $(RUNS)/fashion_mnist_codes --model small --out $(RUNS)/resgen --steps $(RESGEN_STEPS) \
 	  --batch-size 32 --lr 1e-3 --warmup 100 --log-every 100 --ckpt-every 500 --device cpu; \
 	$(PY) sample.py --ckpt $(RUNS)/resgen/last.pt --n 100 $(SAMPLER) --out samples.png --device cpu; \
-	test -f $(RUNS)/classifier.pt || \
-	  $(PY) eval_fid.py train-classifier --data fashion_mnist --epochs 1 --out $(RUNS)/classifier.pt --device cpu; \
+	$(CLASSIFIER) cpu; \
 	$(PY) eval_fid.py --ckpt $(RUNS)/resgen/last.pt --n 300 $(SAMPLER) --no-fid --classifier $(RUNS)/classifier.pt \
 	  --device cpu; \
 	echo "demo finished in $$(( $$(date +%s) - start )) s: samples.png"
@@ -65,8 +68,7 @@ STUDY_EVAL = --n $(STUDY_N) --ref train --ref-n $(STUDY_REF_N) --classifier $(RU
 
 study: setup
 	@set -e; \
-	test -f $(RUNS)/classifier.pt || \
-	  $(PY) eval_fid.py train-classifier --data fashion_mnist --epochs 1 --out $(RUNS)/classifier.pt --device $(DEVICE); \
+	$(CLASSIFIER) $(DEVICE); \
 	$(PY) train.py $(STUDY_TRAIN) --out $(RUNS)/gpu_mog & p1=$$!; \
 	$(PY) train.py $(STUDY_TRAIN) --out $(RUNS)/gpu_tokens --head tokens & p2=$$!; \
 	$(PY) train.py $(STUDY_TRAIN) --out $(RUNS)/gpu_mog1024 --mixtures 1024 & p3=$$!; \
@@ -183,8 +185,8 @@ figures:
 # DEPTH_CFG, one JSON line each in $(DEPTH_OUT)/results.jsonl, drawn as the paper's Fig. 2 (metric against
 # sampling seconds per image, a line per model; one folder per guidance scale) in $(DEPTH_OUT)/figures/w1 and
 # w$(DEPTH_CFG). A finished stage is not run again.
-# On the 2-core CPU the defaults take about 4.5 hours at one thread (two processes side by side, DEPTHS=4 and
-# DEPTHS="16 8": about 2.5 hours); on a GPU: make depth DEPTH_DEVICE=cuda DEPTH_STEPS=20000 ...
+# On the 2-core CPU, one thread: a tokenizer about 15 minutes, its codes 2-5; the generator stages of the three
+# depths took 2 hours as two processes side by side (DEPTHS=4 and DEPTHS="16 8"). On a GPU: make depth DEPTH_DEVICE=cuda DEPTH_STEPS=20000 ...
 DEPTHS ?= 4 8 16
 DEPTH_OUT ?= $(RUNS)/depth
 DEPTH_TOK_STEPS ?= 600
@@ -200,8 +202,7 @@ DEPTH_EVAL = --no-fid --n $(DEPTH_N) --ref train --ref-n $(DEPTH_REF_N) --classi
 
 depth: setup
 	@set -e; mkdir -p $(DEPTH_OUT); \
-	test -f $(RUNS)/classifier.pt || \
-	  $(PY) eval_fid.py train-classifier --data fashion_mnist --epochs 1 --out $(RUNS)/classifier.pt --device $(DEPTH_DEVICE); \
+	$(CLASSIFIER) $(DEPTH_DEVICE); \
 	for D in $(DEPTHS); do d=$(DEPTH_OUT)/d$$D; \
 	  test -f $$d/reconstruct.txt || { \
 	    $(PY) tokenizer.py train --data fashion_mnist --out $$d/tokenizer --steps $(DEPTH_TOK_STEPS) --depth $$D \

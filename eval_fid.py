@@ -969,11 +969,7 @@ def select_rows(rows, where):
         if not sep or not key:
             raise UserError(f"--where wants KEY=VALUE (e.g. cfg=3), got {item!r}")
         wanted.append((key, parse(value)))
-
-    def value_of(row, key):
-        v = row["sampler"].get(key, row.get(key))
-        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else parse(str(v))
-    return [r for r in rows if all(value_of(r, k) == v for k, v in wanted)]
+    return [r for r in rows if all(parse(str(r["sampler"].get(k, r.get(k)))) == v for k, v in wanted)]
 
 
 def model_label(ckpt):
