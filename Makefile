@@ -54,7 +54,7 @@ demo: setup
 bench-gpu:
 	timeout 480 $(PY) bench.py --only cuda --compile --json-out $(RUNS)/bench_cuda.jsonl
 
-# RESULTS.md section 3: MoG (the default head), token head and MoG (K = 1024) trained STUDY_TIME seconds each, at once on
+# RESULTS.md section 3: MoG (the default head), token head and MoG (M = 4 components per code) trained STUDY_TIME seconds each, at once on
 # one GPU, then STUDY_N-image FIDs over T, CFG, top-p and temperatures, one JSON line each in
 # $(RUNS)/results_gpu.jsonl.
 STUDY_TIME ?= 270
@@ -71,12 +71,12 @@ study: setup
 	$(CLASSIFIER) $(DEVICE); \
 	$(PY) train.py $(STUDY_TRAIN) --out $(RUNS)/gpu_mog & p1=$$!; \
 	$(PY) train.py $(STUDY_TRAIN) --out $(RUNS)/gpu_tokens --head tokens & p2=$$!; \
-	$(PY) train.py $(STUDY_TRAIN) --out $(RUNS)/gpu_mog1024 --mixtures 1024 & p3=$$!; \
+	$(PY) train.py $(STUDY_TRAIN) --out $(RUNS)/gpu_mog_m4 --components-per-code 4 & p3=$$!; \
 	wait $$p1; wait $$p2; wait $$p3; \
 	$(PY) eval_fid.py --ckpt $(RUNS)/tokenizer/last.pt $(STUDY_EVAL); \
 	for T in 4 8 16 32; do for w in 1 3; do for r in gpu_mog gpu_tokens; do \
 	  $(PY) eval_fid.py --ckpt $(RUNS)/$$r/last.pt $(STUDY_EVAL) --steps $$T --cfg $$w --temperature 0.7; done; done; done; \
-	for w in 1 3; do $(PY) eval_fid.py --ckpt $(RUNS)/gpu_mog1024/last.pt $(STUDY_EVAL) --steps 16 --cfg $$w --temperature 0.7; done; \
+	for w in 1 3; do $(PY) eval_fid.py --ckpt $(RUNS)/gpu_mog_m4/last.pt $(STUDY_EVAL) --steps 16 --cfg $$w --temperature 0.7; done; \
 	for x in "--top-p 0.5" "--top-p 0.8" "--choice-temperature 0" "--choice-temperature 4"; do for r in gpu_mog gpu_tokens; do \
 	  $(PY) eval_fid.py --ckpt $(RUNS)/$$r/last.pt $(STUDY_EVAL) --steps 16 --cfg 3 --temperature 0.7 $$x; done; done; \
 	for tau in 0.4 1.0; do $(PY) eval_fid.py --ckpt $(RUNS)/gpu_mog/last.pt $(STUDY_EVAL) --steps 16 --cfg 3 --temperature $$tau; done

@@ -115,16 +115,18 @@ PEAK_BF16_TFLOPS = [
 #################################################################################
 
 def head_params(config, sampling=False):
-    """Multiply-adds per position of the head. MoG: its gated-MLP blocks (3C² each), K logits, the shift (c) and
-    log-scale (1), and the means: all K·w (w = r or c) in training, only the drawn component's w in sampling
-    (MoGHead.drawn_means gathers its weights), plus the lift: K·(c·r + r²) in training (the distance trick),
-    c·r in sampling. Tokens: D·V logits."""
-    C, c, K, r = config.width, config.code_dim, config.mixtures, config.mean_rank
+    """Multiply-adds per position of the head. MoG: its gated-MLP blocks (3C² each), K = V·M logits, the shift (c)
+    and log-scale (1), and the offsets: all K·w (w = r or c) in training, only the drawn component's w in sampling
+    (MoGHead.drawn_offsets gathers its weights), plus with low rank the lift, K·(c·r + r²), and the target against
+    all D·V codebook rows, D·V·c, in training (the distance trick), c·r in sampling. Tokens: D·V logits."""
+    C, c, r = config.width, config.code_dim, config.offset_rank
+    K = config.codebook_size * config.components_per_code
     if config.head != "mog":
         return C * config.depth * config.codebook_size
     width = r or c
-    means = width * C + (c * r if r else 0) if sampling else K * width * C + (K * (c * r + r * r) if r else 0)
-    return config.head_layers * 3 * C * C + C * K + C * c + C + means
+    low_rank = K * (c * r + r * r) + config.depth * config.codebook_size * c if r else 0
+    offsets = width * C + (c * r if r else 0) if sampling else K * width * C + low_rank
+    return config.head_layers * 3 * C * C + C * K + C * c + C + offsets
 
 
 def matmul_params(config, sampling=False):
@@ -156,10 +158,12 @@ def forward_flops(config, sequences, sampling=False):
 
 def check_flop_count(model):
     """The FLOP count is written from the config; fail loudly if resgen.py's layers no longer match it (the
-    linear layers' weights, and the low-rank lift, against the training count)."""
+    linear layers' weights, the low-rank lift and the D·V codebook rows it meets, against the training count)."""
     counted = sum(matmul_params(model.config))
-    lift = model.head.lift.numel() * (1 + model.config.mean_rank / model.config.code_dim) \
+    lift = model.head.lift.numel() * (1 + model.config.offset_rank / model.config.code_dim) \
         if getattr(model.head, "lift", None) is not None else 0
+    if lift:
+        lift += model.codebooks[..., 0].numel() * model.config.code_dim  # the target against all D·V rows
     actual = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)) + lift
     if counted != actual:
         raise RuntimeError(f"bench.matmul_params counts {counted} matmul weights, the model has {actual}: "

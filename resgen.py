@@ -104,11 +104,15 @@ def sample_mask(batch, length, depth, generator=None, device=None, schedule="cos
 #                        Cumulative embeddings, PAPER.md §2                     #
 #################################################################################
 
+def code_rows(codebooks, depth, code):
+    """e(v; j) for one (depth j, code v) pair per entry: codebooks (D, V, c), depth and code (...) int64 -> (..., c)."""
+    D, V, c = codebooks.shape
+    return F.embedding(depth * V + code, codebooks.reshape(D * V, c))
+
+
 def embed_codes(codes, codebooks):
     """Per-depth code embeddings e(x_ij; j).  codes (..., D) int64, codebooks (D, V, c) -> (..., D, c)."""
-    D, V, c = codebooks.shape
-    offsets = torch.arange(D, device=codes.device) * V
-    return F.embedding(codes + offsets, codebooks.reshape(D * V, c))
+    return code_rows(codebooks, torch.arange(codebooks.shape[0], device=codes.device), codes)
 
 
 def cumulative_embeddings(codes, mask, codebooks):
@@ -129,8 +133,8 @@ def cumulative_embeddings(codes, mask, codebooks):
 #                                 Config and sizes                              #
 #################################################################################
 
-LOW_RANK_ABOVE = 64  # latent widths c above this get low-rank MoG means by default ...
-LOW_RANK = 64        # ... of this rank (the authors' code uses 64)
+LOW_RANK_ABOVE = 64  # latent widths c above this get low-rank MoG offsets by default ...
+LOW_RANK = 64        # ... of this rank (the authors' code uses 64 for its means)
 
 
 @dataclass
@@ -143,9 +147,10 @@ class ResGenConfig:
     width: int                   # C: transformer width
     layers: int                  # DiT blocks
     heads: int                   # attention heads
-    mixtures: int = 256          # K: mixture components of the MoG head (RESULTS.md §5 measured 16 / 256 / 1024)
+    components_per_code: int = 1  # M: MoG components per code of the first masked depth (K = V·M; RESULTS.md §9)
     head_layers: int = 2         # gated-MLP blocks in the MoG head before its projections
-    mean_rank: int = -1          # r: per-component means as r-vectors lifted by c×r matrices; 0 = full; -1 = auto
+    offset_rank: int = -1        # r: per-component offsets as r-vectors lifted by c×r matrices; 0 = full; -1 = auto
+    classification_weight: float = -1.0  # λ on the MoG head's classification term; -1 = c (RESULTS.md §9)
     label_smoothing: float = 0.01  # on the responsibilities q of the MoG head's Jensen split
     log_scale_min: float = -7.0  # floor of the MoG head's log-scale s: a discrete target lets σ collapse to 0
     head: str = "mog"            # "mog" (the paper) or "tokens" (predict tokens directly, the ablation)
@@ -155,9 +160,11 @@ class ResGenConfig:
     schedule: str = "cosine"     # masking schedule γ for training (the sampler takes its own)
 
     def __post_init__(self):
-        if self.mean_rank == -1:  # full means while they are cheap; low rank for wide latents (imagenet256: c = 256)
-            self.mean_rank = 0 if self.code_dim <= LOW_RANK_ABOVE else LOW_RANK
-        for name in ("length", "depth", "codebook_size", "code_dim", "width", "layers", "heads", "mixtures"):
+        if self.offset_rank == -1:  # full offsets while they are cheap; low rank for wide latents (imagenet256: c = 256)
+            self.offset_rank = 0 if self.code_dim <= LOW_RANK_ABOVE else LOW_RANK
+        if self.classification_weight == -1:  # one K-way term per position against a regression over c dimensions
+            self.classification_weight = float(self.code_dim)
+        for name in ("length", "depth", "codebook_size", "code_dim", "width", "layers", "heads", "components_per_code"):
             if getattr(self, name) < 1:
                 raise UserError(f"ResGenConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_classes < 0:
@@ -166,8 +173,11 @@ class ResGenConfig:
             raise UserError(f"ResGenConfig.width {self.width} is not divisible by heads {self.heads}")
         if self.head not in HEADS:
             raise UserError(f"unknown head {self.head!r}; choose from {', '.join(HEADS)}")
-        if not 0 <= self.mean_rank < self.code_dim:
-            raise UserError(f"ResGenConfig.mean_rank must be 0 (full means) or in 1..{self.code_dim - 1}, got {self.mean_rank}")
+        if not 0 <= self.offset_rank < self.code_dim:
+            raise UserError(f"ResGenConfig.offset_rank must be 0 (full offsets) or in 1..{self.code_dim - 1}, "
+                            f"got {self.offset_rank}")
+        if not self.classification_weight > 0:
+            raise UserError(f"ResGenConfig.classification_weight must be > 0 (or -1 for c), got {self.classification_weight}")
         if self.head_layers < 0 or not 0 <= self.label_smoothing < 1:
             raise UserError(f"ResGenConfig: head_layers >= 0 and label_smoothing in [0, 1) required, got "
                             f"{self.head_layers}, {self.label_smoothing}")
@@ -318,10 +328,13 @@ def requantize_rows(r, start, codebooks, log_scale):
 #################################################################################
 #                     Output heads (each owns loss and sampling)                #
 #################################################################################
-# The MoG head follows the authors' public code for a related RVQ model (NVIDIA-NeMo/NeMo,
+# The MoG head takes from the authors' public code for a related RVQ model (NVIDIA-NeMo/NeMo,
 # speechlm2/modules/ear_tts_model.py: MoGHead and the TTS model's _compute_losses / generate_step): per
-# position ONE shift b and ONE log-scale s shared by many unit-Gaussian components, means low-rank for a wide
-# latent, and the Jensen split trained with the component likelihoods as responsibilities.
+# position ONE shift b and ONE log-scale s shared by many unit-Gaussian components, low rank for a wide latent,
+# and the Jensen split trained with the component likelihoods as responsibilities. It departs from it in two
+# ways this project measured (RESULTS.md §9): the components sit on the codebook of the first masked depth
+# (free means spread over the continuous residual instead of onto the codes the re-quantiser must hit), and
+# the classification term is weighted by λ = c (unweighted, the regression drowns it).
 
 def mog_component_log_likelihood(means, shift, log_scale, z):
     """log N(z; b + e^s·μ_k, e^{2s} I) for every component k (PAPER.md §4: mixture of Gaussians with one affine
@@ -407,35 +420,42 @@ class GatedMLPBlock(nn.Module):
 
 
 class MoGHead(nn.Module):
-    """Mixture-of-Gaussians head over the cumulative embedding of the masked tokens (PAPER.md §4, DESIGN.md §4.3).
+    """Mixture-of-Gaussians head over the cumulative embedding of the masked tokens (PAPER.md §4, DESIGN.md §4.3),
+    its components on the codebook of each position's first masked depth p_i (RESULTS.md §9).
 
-    From the transformer's h_i: a small gated-MLP stack, then K mixture logits, K means μ_k (c each, or r each
-    lifted by a learned per-component c×r matrix when mean_rank r > 0), ONE shift b (c) and ONE log-scale s
-    (floored) shared by all components: component k is N(b + e^s·μ_k, e^{2s} I).
+    From the transformer's h_i: a small gated-MLP stack, then per position ONE shift b (c) and ONE log-scale s
+    (floored) shared by all components, and for each of the K = V·M components (v, m), v a code of depth p_i:
+
+        component (v, m) = N(e(v; p_i) + b + e^s·δ_vm,  e^{2s} I),    π = softmax over the K components
+
+    The codebook row e(v; p_i) puts component v where the re-quantiser must land to emit code v at depth p_i; b
+    and σ = e^s carry what the deeper masked depths add, and δ_vm (c, or r lifted by a learned c×r matrix when
+    offset_rank r > 0; zero at initialisation) moves a component off its code, so the deeper depths' sum may
+    depend on v (and with M > 1 take several values per code). π is then a distribution over depth p_i's codes,
+    a real model probability of the next token, as the token head's softmax is.
     """
 
     def __init__(self, config):
         super().__init__()
-        C, self.K, self.c, self.r = config.width, config.mixtures, config.code_dim, config.mean_rank
+        C, self.c, self.r, self.M = config.width, config.code_dim, config.offset_rank, config.components_per_code
+        self.K = config.codebook_size * self.M
         self.label_smoothing, self.log_scale_min = config.label_smoothing, config.log_scale_min
+        self.classification_weight = config.classification_weight
         self.mlp = nn.Sequential(*[GatedMLPBlock(C, C) for _ in range(config.head_layers)], nn.RMSNorm(C, eps=1e-6))
         self.logits = nn.Linear(C, self.K)
         self.shift = nn.Linear(C, self.c)
         self.log_scale = nn.Linear(C, 1)
-        self.means = nn.Linear(C, self.K * (self.r or self.c))
-        # low rank (CLaM-TTS style, as in the authors' code): μ_k = A_k·u_k, u_k = the r-vector from h
+        self.offsets = nn.Linear(C, self.K * (self.r or self.c))
+        # low rank (CLaM-TTS style, as in the authors' code for its means): δ_k = A_k·u_k, u_k = the r-vector from h
         self.lift = nn.Parameter(torch.randn(self.K, self.c, self.r) / math.sqrt(self.r)) if self.r else None
 
     def initialize(self):
-        """π starts near uniform, b = 0 and s = 0 (σ = 1: the targets have unit variance in scaled units), and the
-        means spread about as widely as the targets (features have unit RMS after the norm): components start
-        apart, so each target has a clear nearest component and the mixture splits from the first step."""
-        C = self.logits.in_features
+        """π starts near uniform, b = 0, s = 0 (σ = 1: the targets have unit variance in scaled units) and δ = 0:
+        every component starts on its code's codebook row."""
         nn.init.normal_(self.logits.weight, std=0.02)
-        for lin in (self.shift, self.log_scale):
+        for lin in (self.shift, self.log_scale, self.offsets):
             nn.init.zeros_(lin.weight)
-        nn.init.normal_(self.means.weight, std=C ** -0.5)
-        for lin in (self.logits, self.shift, self.log_scale, self.means):
+        for lin in (self.logits, self.shift, self.log_scale, self.offsets):
             nn.init.zeros_(lin.bias)
 
     def forward(self, h):  # (B, L, C) -> features (B, L, C): what CFG acts on, before the projections
@@ -445,67 +465,96 @@ class MoGHead(nn.Module):
         """The per-position affine map: shift b (B, L, c) and floored log-scale s (B, L, 1), fp32."""
         return self.shift(f).float(), self.log_scale(f).float().clamp_min(self.log_scale_min)
 
-    def component_log_likelihoods(self, f, z, shift, log_scale):
-        """log N(z; b + e^s·μ_k, e^{2s} I) for all K components (B, L, K), fp32, given the affine map (shift,
-        log_scale) = self.affine(f). With low-rank means the c-dim means are never formed:
-        ‖A_k u_k − z̃‖² = u_kᵀ(A_kᵀA_k)u_k − 2 u_k·(A_kᵀ z̃) + ‖z̃‖²."""
-        if not self.r:
-            means = self.means(f).float().unflatten(-1, (self.K, self.c))  # (B, L, K, c)
-            return mog_component_log_likelihood(means, shift, log_scale, z.float())
-        u = self.means(f).float().unflatten(-1, (self.K, self.r))  # (B, L, K, r)
-        z_norm = (z.float() - shift) * torch.exp(-log_scale)  # (B, L, c)
-        gram = self.lift.transpose(1, 2) @ self.lift  # (K, r, r)
-        dist2 = (torch.einsum("blkr,krs,blks->blk", u, gram, u)
-                 - 2 * torch.einsum("blkr,kcr,blc->blk", u, self.lift, z_norm) + z_norm.pow(2).sum(-1, keepdim=True))
-        return unit_gaussian_log_likelihood(dist2, log_scale, self.c)
+    def component_log_likelihoods(self, f, z, start, codebooks, shift, log_scale):
+        """log N(z; e(v; p_i) + b + e^s·δ_k, e^{2s} I) for all K components (B, L, K), fp32, given the affine map
+        (shift, log_scale) = self.affine(f) and p_i = start (B, L) (clamped to D - 1 where nothing is masked).
 
-    def drawn_means(self, f, k):
-        """μ_k for the drawn component only (a gather of its weights, not all K·c outputs): f (B, L, C), k (B, L)
+        In the normalised space z̃ = (z − b)·e^{−s} component k = (v, m) is a unit Gaussian at e^{−s}·e(v; p_i) + δ_k.
+        With low-rank offsets the c-dim offsets are never formed: with y = z − b, a = e^{−s},
+        ‖a(y − e_v) − A_k u_k‖² = a²‖y − e_v‖² − 2a·u_k·(A_kᵀy − A_kᵀe_v) + u_kᵀ(A_kᵀA_k)u_k."""
+        D, V, c = codebooks.shape
+        p = start.clamp(max=D - 1)  # (B, L)
+        codebooks = codebooks.float()
+        if not self.r:
+            delta = self.offsets(f).float().unflatten(-1, (self.K, c))  # (B, L, K, c)
+            rows = codebooks[p].repeat_interleave(self.M, dim=-2)  # (B, L, K, c): e(v; p_i), M times each
+            means = rows * torch.exp(-log_scale).unsqueeze(-1) + delta
+            return mog_component_log_likelihood(means, shift, log_scale, z.float())
+        u = self.offsets(f).float().unflatten(-1, (self.K, self.r))  # (B, L, K, r)
+        a = torch.exp(-log_scale)  # (B, L, 1)
+        y = z.float() - shift  # (B, L, c)
+        # ‖y − e_v‖² for the V codes of depth p_i: y against all D·V rows, then the V of depth p_i
+        ye = (y @ codebooks.reshape(D * V, c).t()).unflatten(-1, (D, V))  # (B, L, D, V)
+        ye = ye.gather(2, p[..., None, None].expand(*p.shape, 1, V)).squeeze(2)  # (B, L, V)
+        code_dist = y.pow(2).sum(-1, keepdim=True) - 2 * ye + codebooks.pow(2).sum(-1)[p]  # (B, L, V)
+        lifted_rows = torch.einsum("kcr,dkc->dkr", self.lift,
+                                   codebooks.repeat_interleave(self.M, dim=1))  # (D, K, r): A_kᵀ e(v_k; j)
+        cross = torch.einsum("kcr,blc->blkr", self.lift, y) - lifted_rows[p]  # (B, L, K, r): A_kᵀ(y − e_v)
+        gram = self.lift.transpose(1, 2) @ self.lift  # (K, r, r)
+        dist2 = (a.pow(2) * code_dist.repeat_interleave(self.M, dim=-1) - 2 * a * (u * cross).sum(-1)
+                 + torch.einsum("blkr,krs,blks->blk", u, gram, u))
+        return unit_gaussian_log_likelihood(dist2, log_scale, c)
+
+    def drawn_offsets(self, f, k):
+        """δ_k for the drawn component only (a gather of its weights, not all K·c outputs): f (B, L, C), k (B, L)
         -> (B, L, c)."""
         B, L, C = f.shape
         width = self.r or self.c
-        mu = gathered_linear(f.reshape(B * L, C).float(), self.means.weight.view(self.K, width, C),
-                             self.means.bias.view(self.K, width), k.reshape(-1))
+        delta = gathered_linear(f.reshape(B * L, C).float(), self.offsets.weight.view(self.K, width, C),
+                                self.offsets.bias.view(self.K, width), k.reshape(-1))
         if self.r:
-            mu = gathered_linear(mu, self.lift, None, k.reshape(-1))
-        return mu.view(B, L, self.c)
+            delta = gathered_linear(delta, self.lift, None, k.reshape(-1))
+        return delta.view(B, L, self.c)
 
     @staticmethod
     def scored(mask):
         """How many terms the loss averages over: positions with k_i > 0."""
         return mask.any(-1).sum()
 
-    def loss(self, f, codes, mask, target, count=None):
-        """The Jensen split (classification + regression) of the mixture NLL of z_i, averaged over positions with
-        k_i > 0, in nats per latent dimension. count: divide the sum by this instead of this batch's own count
-        (train.py: a share of the global batch). Stats: the exact NLL (the split is an upper bound on it) and
-        how many components are in use (perplexity of the mean q and of the mean π)."""
+    def loss(self, f, codes, mask, target, codebooks, count=None):
+        """λ·classification + regression, the Jensen split of the mixture NLL of z_i with its classification term
+        weighted by λ = classification_weight, averaged over positions with k_i > 0, in nats per latent dimension.
+
+        λ = 1 is the paper's bound on the NLL. λ = c (the default) weighs the one K-way choice of a position like
+        the c dimensions of its regression: unweighted, the regression (whose likelihood keeps growing as σ
+        shrinks on a target made of discrete code vectors) sets what the shared features learn, and π, the part
+        that picks the code, is drowned (RESULTS.md §9). count: divide the sum by this instead of this batch's own
+        count (train.py: a share of the global batch). Stats: the exact NLL (the split at λ = 1 bounds it),
+        the classification term, how often π's most likely code is the first masked depth's true code, how
+        many components are in use (perplexity of the mean q and of the mean π), and the mean log-scale."""
+        D = mask.shape[-1]
+        start = D - mask.sum(-1)  # (B, L): p_i, the first masked depth
         logits = self.logits(f).float()  # (B, L, K)
         shift, log_scale = self.affine(f)
-        comp_ll = self.component_log_likelihoods(f, target, shift, log_scale)  # (B, L, K)
+        comp_ll = self.component_log_likelihoods(f, target, start, codebooks, shift, log_scale)  # (B, L, K)
         classification, regression, q = mog_jensen_split(logits, comp_ll, self.label_smoothing)
         valid = mask.any(-1).float()  # (B, L): positions with k_i > 0
         local = self.scored(mask).float().clamp_min(1.0)
         denom = (local if count is None else count) * self.c
-        loss = ((classification + regression) * valid).sum() / denom
+        loss = ((self.classification_weight * classification + regression) * valid).sum() / denom
         with torch.no_grad():
             v = valid.unsqueeze(-1)
             per_dim = lambda x: (x * valid).sum() / (local * self.c)  # noqa: E731
+            first = codes.gather(-1, start.clamp(max=D - 1).unsqueeze(-1)).squeeze(-1)  # (B, L): x at depth p_i
+            code_pick = logits.unflatten(-1, (-1, self.M)).logsumexp(-1).argmax(-1)  # (B, L)
             stats = {"nll": per_dim(mog_nll(logits, comp_ll)), "classification": per_dim(classification),
+                     "code_acc": ((code_pick == first).float() * valid).sum() / local,
                      "q_perplexity": perplexity((q * v).sum((0, 1)) / local),
                      "pi_perplexity": perplexity((logits.softmax(-1) * v).sum((0, 1)) / local),
                      "log_scale": (log_scale.squeeze(-1) * valid).sum() / local}
         return loss, stats
 
     def sample(self, f, prefix, codebooks, top_p, temperature, generator):
-        """Sampler steps 2-3 (DESIGN.md §4.4): a component k from the top-p nucleus of π (Gumbel-max), z = b +
-        e^s·(μ_k + τ·ε), then re-quantization from depth p_i. Returns tokens (B, L, D) int64 and per-token
-        confidences (B, L, D) (0 above p_i)."""
+        """Sampler steps 2-3 (DESIGN.md §4.4): a component k = (v, m) from the top-p nucleus of π (Gumbel-max),
+        z = e(v; p_i) + b + e^s·(δ_k + τ·ε), then re-quantization from depth p_i. Returns tokens (B, L, D) int64
+        and per-token confidences (B, L, D) (0 above p_i)."""
+        D, V, c = codebooks.shape
         logits = self.logits(f).float()  # (B, L, K)
         shift, log_scale = self.affine(f)
         k = draw_component(logits, top_p, generator)  # (B, L)
         eps = torch.randn(shift.shape, generator=generator, device=shift.device)
-        z = shift + log_scale.exp() * (self.drawn_means(f, k) + temperature * eps)  # (B, L, c)
+        anchor = code_rows(codebooks.float(), prefix.clamp(max=D - 1), k // self.M)  # (B, L, c): e(v; p_i)
+        z = anchor + shift + log_scale.exp() * (self.drawn_offsets(f, k) + temperature * eps)  # (B, L, c)
         return self.requantize(z, prefix, codebooks, log_scale.squeeze(-1))
 
     requantize = staticmethod(requantize)  # ResGen.compile_sampler puts the compiled one on the instance
@@ -533,7 +582,7 @@ class TokenHead(nn.Module):
         """How many terms the loss averages over: masked tokens."""
         return mask.sum()
 
-    def loss(self, out, codes, mask, target, count=None):
+    def loss(self, out, codes, mask, target, codebooks, count=None):
         """Cross-entropy of the masked tokens, averaged over masked tokens, in nats per token.
         count: divide the sum by this instead of this batch's own count (train.py: a share of the global batch)."""
         logits = out.float().unflatten(-1, (self.D, self.V))  # (B, L, D, V)
@@ -668,7 +717,7 @@ class ResGen(nn.Module):
             labels = labels.masked_fill(drop.to(labels.device), self.null_class)
         visible, target = cumulative_embeddings(codes, mask, self.codebooks)
         out = self.backbone(visible, mask.sum(-1), labels)
-        loss, stats = self.head.loss(out, codes, mask, target, count)
+        loss, stats = self.head.loss(out, codes, mask, target, self.codebooks, count)
         stats["masked_frac"] = mask.float().mean().detach()
         return loss, stats
 
@@ -811,7 +860,14 @@ class ResGen(nn.Module):
 #                                   Checkpoints                                 #
 #################################################################################
 
-RETIRED_MOG_FIELDS = {"scales", "log_scale_max"}  # config fields of the earlier MoG head (before RESULTS.md §5)
+# Config fields of earlier MoG heads, each with what replaced it. A MoG checkpoint holding one is refused with its
+# cause; a token-head checkpoint never used them and loads as before.
+RETIRED_MOG_HEADS = [
+    ({"scales", "log_scale_max"}, "the earlier MoG head (a sigma per component, trained on the exact NLL), which the "
+                                  "shared-scale head of RESULTS.md §5 replaced; load it with the code of commit c69d361"),
+    ({"mixtures", "mean_rank"}, "the free-means MoG head of RESULTS.md §5 (K learned means), which the head with its "
+                                "components on the codebook (RESULTS.md §9) replaced; load it with the code of commit d53a023"),
+]
 
 
 def checkpoint_config(ckpt, path):
@@ -820,13 +876,12 @@ def checkpoint_config(ckpt, path):
     if "config" not in ckpt:
         raise UserError(f"{path} has no 'config' entry: not a ResGen training checkpoint")
     config = dict(ckpt["config"])
-    if set(config) & RETIRED_MOG_FIELDS:
-        if config.get("head", "mog") == "mog":
-            raise UserError(f"{path} holds the earlier MoG head (a sigma per component, trained on the exact NLL), "
-                            "which this resgen.py replaced with the shared-scale head of RESULTS.md §5; retrain it "
-                            "(train.py), or load it with the code of commit c69d361")
-        for name in RETIRED_MOG_FIELDS:  # a token-head model never used them: it loads as before
-            config.pop(name, None)
+    for retired, what in RETIRED_MOG_HEADS:
+        if set(config) & retired:
+            if config.get("head", "mog") == "mog":
+                raise UserError(f"{path} holds {what}; retrain it (train.py)")
+            for name in retired:
+                config.pop(name, None)
     unknown = sorted(set(config) - {f.name for f in fields(ResGenConfig)})
     if unknown:
         raise UserError(f"{path} has config fields {', '.join(unknown)} that this resgen.py's ResGenConfig lacks")

@@ -530,56 +530,93 @@ def test_scaling_the_target_changes_the_likelihood_by_the_jacobian(seed, a, c):
                                atol=1e-3, rtol=1e-5)
 
 
-def test_head_loss_is_the_split_over_positions_with_masked_tokens():
-    """MoGHead.loss = (classification + regression) / c averaged over positions with k_i > 0, from the head's
-    own projections; with K = 1 and no smoothing that is the Gaussian NLL per dimension."""
-    m = tiny_model(L=3, D=2, c=4, mixtures=1, label_smoothing=0.0)
-    g = torch.Generator().manual_seed(0)
-    f = torch.randn(5, 3, m.config.width, generator=g)
-    z = torch.randn(5, 3, 4, generator=g)
-    mask = torch.tensor([[[False, True], [False, False], [True, True]]]).expand(5, 3, 2)
-    loss, stats = m.head.loss(f, None, mask, z)
-    shift, log_scale = m.head.affine(f)
-    mu = shift + log_scale.exp() * m.head.means(f)  # K = 1: the one mean, in z units
-    ref = torch.distributions.Normal(mu, log_scale.exp()).log_prob(z).sum(-1)  # (5, 3)
-    torch.testing.assert_close(loss, -ref[:, [0, 2]].mean() / 4, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(stats["nll"], loss, atol=1e-5, rtol=1e-5)
-    assert stats["q_perplexity"].item() == pytest.approx(1.0)
+def head_inputs(m, B, L, seed):
+    """Random head features f (B, L, C), targets z (B, L, c) and suffix masks with every k_i from 0 to D."""
+    g = torch.Generator().manual_seed(seed)
+    D = m.config.depth
+    f = torch.randn(B, L, m.config.width, generator=g)
+    z = torch.randn(B, L, m.config.code_dim, generator=g)
+    mask = resgen.suffix_mask(torch.randint(0, D + 1, (B, L), generator=g), D)
+    return f, z, mask
+
+
+def explicit_components(m, f, start, codebooks=None):
+    """The head's components written out: means e(v; p_i) + b + e^s·δ_k (B, L, K, c), the shared σ (B, L, 1, 1)."""
+    h, D = m.head, m.config.depth
+    codebooks = m.codebooks if codebooks is None else codebooks
+    shift, log_scale = h.affine(f)
+    u = h.offsets(f).unflatten(-1, (h.K, h.r or h.c))
+    delta = torch.einsum("kcr,blkr->blkc", h.lift, u) if h.r else u  # (B, L, K, c)
+    rows = codebooks[start.clamp(max=D - 1)].repeat_interleave(h.M, dim=-2)  # (B, L, K, c)
+    return rows + shift.unsqueeze(-2) + log_scale.exp().unsqueeze(-1) * delta, log_scale.exp().unsqueeze(-1)
 
 
 @FAST
-@given(seed=st.integers(0, 2**31 - 1), r=st.integers(1, 5))
-def test_low_rank_means_match_the_lifted_full_means(seed, r):
-    """mean_rank r: the head's distance trick equals the component likelihoods of the explicitly lifted means
-    A_k·u_k, and the sampler's gathered mean of the drawn component equals that component's lifted mean."""
-    c = 6
-    m = tiny_model(L=3, D=2, c=c, mixtures=5, mean_rank=r, seed=seed % 1000)
-    g = torch.Generator().manual_seed(seed)
-    f, z = torch.randn(2, 3, m.config.width, generator=g), torch.randn(2, 3, c, generator=g)
+@given(seed=st.integers(0, 2**31 - 1), M=st.integers(1, 3), r=st.sampled_from([0, 2, 5]))
+def test_mog_components_sit_on_the_first_masked_depths_codebook(seed, M, r):
+    """Component (v, m) of a position is N(e(v; p_i) + b + e^s·δ_vm, e^{2s} I), p_i its first masked depth
+    (torch.distributions), for full and low-rank offsets; at initialisation (δ = 0) its mean is the codebook row
+    e(v; p_i) + b. The sampler's gathered offset of the drawn component is that component's δ."""
+    m = tiny_model(L=3, D=3, V=5, c=6, components_per_code=M, offset_rank=r, seed=seed % 1000)
+    f, z, mask = head_inputs(m, 2, 3, seed)
+    start = 3 - mask.sum(-1)
     with torch.no_grad():
-        u = m.head.means(f).unflatten(-1, (5, r))  # (2, 3, K, r)
-        full = torch.einsum("kcr,blkr->blkc", m.head.lift, u)  # (2, 3, K, c)
         shift, log_scale = m.head.affine(f)
-        ref = resgen.mog_component_log_likelihood(full, shift, log_scale, z)
-        torch.testing.assert_close(m.head.component_log_likelihoods(f, z, shift, log_scale), ref, atol=1e-3, rtol=1e-4)
-        k = torch.randint(0, 5, (2, 3), generator=g)
-        torch.testing.assert_close(m.head.drawn_means(f, k), full.gather(2, k[..., None, None].expand(2, 3, 1, c))[:, :, 0])
+        fresh = m.head.component_log_likelihoods(f, z, start, m.codebooks, shift, log_scale)
+        rows = m.codebooks[start.clamp(max=2)].repeat_interleave(M, dim=-2)  # (B, L, K, c)
+        ref = torch.distributions.Normal(rows + shift.unsqueeze(-2), log_scale.exp().unsqueeze(-1))
+        torch.testing.assert_close(fresh, ref.log_prob(z.unsqueeze(-2)).sum(-1), atol=1e-3, rtol=1e-4)
+        for p in m.head.offsets.parameters():  # offsets off zero, and an affine map that moves
+            p.normal_(std=0.3, generator=torch.Generator().manual_seed(seed))
+        for p in list(m.head.shift.parameters()) + list(m.head.log_scale.parameters()):
+            p.normal_(std=0.1, generator=torch.Generator().manual_seed(seed + 1))
+        shift, log_scale = m.head.affine(f)
+        means, sigma = explicit_components(m, f, start)
+        ref = torch.distributions.Normal(means, sigma).log_prob(z.unsqueeze(-2)).sum(-1)
+        got = m.head.component_log_likelihoods(f, z, start, m.codebooks, shift, log_scale)
+        torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-4)
+        k = torch.randint(0, m.head.K, (2, 3), generator=torch.Generator().manual_seed(seed))
+        want = (means - m.codebooks[start.clamp(max=2)].repeat_interleave(M, dim=-2) - shift.unsqueeze(-2)) / sigma
+        torch.testing.assert_close(m.head.drawn_offsets(f, k), want.gather(2, k[..., None, None].expand(2, 3, 1, 6))[:, :, 0],
+                                   atol=1e-4, rtol=1e-4)
 
 
-def test_drawn_means_gather_the_full_means_in_chunks():
-    """Full means: the gathered mean of the drawn component is that component's output of the means layer, also
-    when the rows go in several chunks."""
-    m = tiny_model(L=4, D=2, c=4, mixtures=7)
+def test_drawn_offsets_gather_in_chunks():
+    """gathered_linear: one of K linear maps per row equals the full map's output at that row, also when the rows
+    go in several chunks."""
     g = torch.Generator().manual_seed(1)
-    f, k = torch.randn(3, 4, m.config.width, generator=g), torch.randint(0, 7, (3, 4), generator=g)
-    with torch.no_grad():
-        full = m.head.means(f).unflatten(-1, (7, 4))
-        want = full.gather(2, k[..., None, None].expand(3, 4, 1, 4))[:, :, 0]
-        torch.testing.assert_close(m.head.drawn_means(f, k), want)
-        w = m.head.means.weight.view(7, 4, -1)
-        chunked = resgen.gathered_linear(f.reshape(12, -1), w, m.head.means.bias.view(7, 4), k.reshape(-1),
-                                         max_elements=w.shape[1] * w.shape[2] * 5)  # 5 rows per chunk
-        torch.testing.assert_close(chunked.view(3, 4, 4), want)
+    x, w, b = torch.randn(12, 5, generator=g), torch.randn(7, 4, 5, generator=g), torch.randn(7, 4, generator=g)
+    k = torch.randint(0, 7, (12,), generator=g)
+    want = torch.einsum("koi,ni->nko", w, x)[torch.arange(12), k] + b[k]
+    torch.testing.assert_close(resgen.gathered_linear(x, w, b, k), want)
+    torch.testing.assert_close(resgen.gathered_linear(x, w, b, k, max_elements=4 * 5 * 5), want)  # 5 rows a chunk
+
+
+@pytest.mark.parametrize("M,smoothing", [(1, 0.0), (2, 0.01)])
+def test_head_loss_is_the_weighted_split_over_positions_with_masked_tokens(M, smoothing):
+    """MoGHead.loss = (λ·classification + regression) / c averaged over positions with k_i > 0, from the head's own
+    projections: at λ = 1 it bounds the exact mixture NLL (the stat), and λ scales the classification term alone
+    (loss(λ) − loss(1) = (λ − 1)·classification; the NLL stat does not move). With V = M = 1 and no smoothing the
+    split is the one Gaussian's NLL per dimension."""
+    m = tiny_model(L=4, D=3, V=5, c=4, components_per_code=M, label_smoothing=smoothing, classification_weight=1.0)
+    f, z, mask = head_inputs(m, 6, 4, 3)
+    codes = torch.randint(0, 5, (6, 4, 3))
+    loss1, stats1 = m.head.loss(f, codes, mask, z, m.codebooks)
+    assert loss1.item() >= stats1["nll"].item() - 1e-5
+    for lam in (3.0, 4.0, 10.0):
+        m.head.classification_weight = lam
+        loss, stats = m.head.loss(f, codes, mask, z, m.codebooks)
+        torch.testing.assert_close(loss - loss1, (lam - 1) * stats1["classification"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(stats["nll"], stats1["nll"])
+    one = tiny_model(L=3, D=2, V=1, c=4, label_smoothing=0.0, classification_weight=5.0)
+    f, z, mask = head_inputs(one, 5, 3, 4)
+    loss, stats = one.head.loss(f, torch.zeros(5, 3, 2, dtype=torch.long), mask, z, one.codebooks)
+    means, sigma = explicit_components(one, f, 2 - mask.sum(-1))
+    ref = torch.distributions.Normal(means[..., 0, :], sigma[..., 0, :]).log_prob(z).sum(-1)  # (5, 3)
+    valid = mask.any(-1)
+    torch.testing.assert_close(loss, -ref[valid].mean() / 4, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stats["nll"], loss, atol=1e-5, rtol=1e-5)
+    assert stats["q_perplexity"].item() == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("top_p", [1.0, 0.7, 0.3])
@@ -603,12 +640,12 @@ def test_component_draws_follow_the_top_p_filtered_mixture_weights(top_p):
 @FAST
 @given(mag=st.sampled_from([1e2, 1e4, 1e6]), seed=st.integers(0, 100))
 def test_mog_loss_finite_for_extreme_inputs(mag, seed):
-    m = tiny_model(L=4, D=2, c=4, mixtures=3).train()
+    m = tiny_model(L=4, D=2, c=4, components_per_code=3).train()
     g = torch.Generator().manual_seed(seed)
     f = (torch.randn(2, 4, m.config.width, generator=g) * mag).requires_grad_()
     z = torch.randn(2, 4, 4, generator=g) * mag
     mask = torch.ones(2, 4, 2, dtype=torch.bool)
-    loss, stats = m.head.loss(m.head(f), None, mask, z)
+    loss, stats = m.head.loss(m.head(f), torch.zeros(2, 4, 2, dtype=torch.long), mask, z, m.codebooks)
     loss.backward()
     assert torch.isfinite(loss) and bool(torch.isfinite(f.grad).all())
     assert all(bool(torch.isfinite(v)) for v in stats.values())
@@ -633,8 +670,7 @@ def test_mog_head_keeps_jointly_dependent_depths_consistent(head):
     (T = 1), the MoG head emits valid (depth 1, depth 2) pairs (RESULTS.md §5.1: 82-98% at τ = 1, by label
     smoothing), the per-depth token head cannot (at most about 1 in 4)."""
     torch.manual_seed(0)
-    cfg = resgen.make_config("tiny", length=4, depth=2, codebook_size=4, code_dim=2, num_classes=1, head=head,
-                             mixtures=16)
+    cfg = resgen.make_config("tiny", length=4, depth=2, codebook_size=4, code_dim=2, num_classes=1, head=head)
     m = resgen.ResGen(cfg, JOINT_CODEBOOKS).train()
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
@@ -897,7 +933,7 @@ def test_tiny_model_overfits_a_batch(head, drop):
     falls by at least `drop` (nats per latent dimension for the MoG head, nats per token for the tokens;
     measured: MoG 1.32 -> -0.26, tokens 2.80 -> 0.56)."""
     L, D, V, c, B = 8, 3, 16, 4, 8
-    m = tiny_model(L=L, D=D, V=V, c=c, head=head, mixtures=4)
+    m = tiny_model(L=L, D=D, V=V, c=c, head=head)
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, V, (B, L, D), generator=g)
     labels = torch.randint(0, 5, (B,), generator=g)
@@ -946,16 +982,19 @@ def test_load_resgen_roundtrip_and_mismatch(tmp_path):
         resgen.load_resgen(str(path))
 
 
-def test_checkpoint_of_the_earlier_mog_head_names_the_cause(tmp_path):
-    """A checkpoint of the earlier MoG head (config fields `scales`, `log_scale_max`) is refused with a line that
-    says so; a token-head checkpoint of that time never used those fields and still loads."""
+@pytest.mark.parametrize("retired,cause", [(dict(scales="isotropic", log_scale_max=2.0, mixtures=16), "earlier MoG head"),
+                                           (dict(mixtures=256, mean_rank=0), "free-means MoG head")])
+def test_checkpoint_of_an_earlier_mog_head_names_the_cause(tmp_path, retired, cause):
+    """A checkpoint of an earlier MoG head (the per-component-sigma head: `scales`, `log_scale_max`; the free-means
+    head: `mixtures`, `mean_rank`) is refused with a line that says which; a token-head checkpoint of that time
+    never used those fields and still loads."""
     m = tiny_model(L=4, D=2, head="tokens")
-    old = dict(asdict(m.config), scales="isotropic", log_scale_max=2.0)
+    old = dict(asdict(m.config), **retired)
     path = tmp_path / "last.pt"
     tokenizer.save_checkpoint({"kind": "resgen", "config": old, "model": m.state_dict(), "ema": None}, path)
     assert resgen.load_resgen(str(path)).config == m.config
     tokenizer.save_checkpoint({"kind": "resgen", "config": dict(old, head="mog"), "model": m.state_dict()}, path)
-    with pytest.raises(tokenizer.UserError, match="earlier MoG head"):
+    with pytest.raises(tokenizer.UserError, match=cause):
         resgen.load_resgen(str(path))
 
 
@@ -965,10 +1004,10 @@ def test_sizes():
         m = resgen.ResGen(cfg, torch.zeros(16, 4096, 16))
         n = m.num_params() - sum(p.numel() for p in m.head.parameters())
     assert 570e6 < n < 580e6  # the paper's 574M (the DiT-XL block stack alone is 573.7M), plus the head
-    with torch.device("meta"):  # imagenet256 latents (c = 256): low-rank means by default
+    with torch.device("meta"):  # imagenet256 latents (c = 256): low-rank offsets by default
         cfg = resgen.make_config("xl", length=64, depth=16, codebook_size=16384, code_dim=256, num_classes=1000)
-    assert cfg.mean_rank == resgen.LOW_RANK and resgen.make_config("tiny", length=1, depth=1, codebook_size=2,
-                                                                   code_dim=16, num_classes=1).mean_rank == 0
+    assert cfg.offset_rank == resgen.LOW_RANK and resgen.make_config("tiny", length=1, depth=1, codebook_size=2,
+                                                                     code_dim=16, num_classes=1).offset_rank == 0
     with pytest.raises(tokenizer.UserError):
         resgen.make_config("huge", length=1, depth=1, codebook_size=1, code_dim=1, num_classes=1)
 

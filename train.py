@@ -144,16 +144,19 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+HEAD_FLAGS = ("components_per_code", "head_layers", "classification_weight", "label_smoothing", "log_scale_min")
+
+
 def build_config(args, meta):
     length = int(np.prod(meta["grid"]))
-    head = {k: getattr(args, k) for k in ("mixtures", "head_layers", "label_smoothing") if getattr(args, k) is not None}
+    head = {k: getattr(args, k) for k in HEAD_FLAGS if getattr(args, k) is not None}
     return make_config(args.model, length=length, depth=meta["depth"], codebook_size=meta["codebook_size"],
                        code_dim=meta["code_dim"], num_classes=meta["num_classes"], head=args.head,
                        label_dropout=args.label_dropout, **head)
 
 
 def validate(args, world):
-    for k in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "mixtures"):
+    for k in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "components_per_code"):
         if getattr(args, k) is not None and getattr(args, k) < 1:
             raise UserError(f"--{k.replace('_', '-')} must be >= 1 (got {getattr(args, k)})")
     if args.model not in SIZES:
@@ -181,10 +184,14 @@ def main(argv=None):
     p.add_argument("--out", default="runs/resgen", help="run folder: last.pt, log.jsonl, samples")
     p.add_argument("--model", default="xl", help=f"size: {', '.join(SIZES)} (xl = the paper's 574M)")
     p.add_argument("--head", default="mog", help="mog: cumulative embedding (the paper); tokens: the ablation")
-    p.add_argument("--mixtures", type=int, default=None, help="K, mixture components of the MoG head (default: ResGenConfig's)")
-    p.add_argument("--head-layers", type=int, default=None, help="gated-MLP blocks in the MoG head (default: ResGenConfig's)")
-    p.add_argument("--label-smoothing", type=float, default=None,
-                   help="smoothing of the MoG head's responsibilities q (default: ResGenConfig's)")
+    # the MoG head's knobs; each defaults to ResGenConfig's
+    p.add_argument("--components-per-code", type=int, default=None,
+                   help="M, MoG components per code of the first masked depth (K = V*M)")
+    p.add_argument("--head-layers", type=int, default=None, help="gated-MLP blocks in the MoG head")
+    p.add_argument("--classification-weight", type=float, default=None,
+                   help="lambda on the MoG head's classification term (-1: the code dimension c)")
+    p.add_argument("--label-smoothing", type=float, default=None, help="smoothing of the MoG head's responsibilities q")
+    p.add_argument("--log-scale-min", type=float, default=None, help="floor of the MoG head's log-scale s")
     p.add_argument("--steps", type=int, default=400_000, help="optimiser steps")
     p.add_argument("--batch-size", type=int, default=256, help="global batch (all processes, all micro-batches)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (for large global batches)")
