@@ -3,13 +3,17 @@ Tests: property tests (hypothesis) for quantization, masking, the MoG head and t
 smoke tests through the real command lines.  Run with:  python -m pytest -q test_resgen.py
 """
 import ast
+import glob
 import importlib.util
 import json
 import math
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 
 from dataclasses import asdict
 
@@ -1185,6 +1189,197 @@ def test_gradient_accumulation_matches_one_batch(code_cache, tmp_path):
         assert abs(ra["loss"] - rb["loss"]) <= 1e-4 * abs(ra["loss"]), (ra, rb)
     a, b = _params(one / "last.pt", "model"), _params(two / "last.pt", "model")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+#################################################################################
+#           train.py: SIGTERM / SIGINT stop at a step, with a checkpoint        #
+#################################################################################
+
+@pytest.fixture(scope="module")
+def synthetic_cache(tmp_path_factory):
+    """A synthetic RVQ's code cache: train.py's quickest input (no tokenizer to train, no data set to install)."""
+    out = tmp_path_factory.mktemp("synthetic_codes")
+    T.save_code_cache(str(out), *synthetic_rvq(64, (4, 4)))
+    return out
+
+
+def signal_after_step(cmd, step, send):
+    """Start `cmd` (stdout and stderr on one pipe), call send(proc) once rank 0 has logged `step` or later, and
+    wait for the exit: (exit status, output). A log line, not a sleep, times the signal, so a slow machine only
+    makes the test slower; a watchdog kills a run that hangs."""
+    proc = subprocess.Popen(cmd, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(300, proc.kill)
+    watchdog.start()
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            logged = re.match(r"step\s+(\d+) \|", line)
+            if logged and int(logged.group(1)) >= step:
+                send(proc)
+                break
+        lines.append(proc.stdout.read())
+        proc.wait()
+    except BaseException:
+        proc.kill()
+        raise
+    finally:
+        watchdog.cancel()
+    return proc.returncode, "".join(lines)
+
+
+def torchrun_worker(agent, rank):
+    """The pid of the worker of `rank` that torchrun (pid `agent`) started: a child whose environment says RANK."""
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        pid = int(stat.split("/")[2])
+        try:
+            with open(stat) as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])  # after "pid (name) state"
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except (OSError, ValueError, IndexError):  # a process that ended while we looked
+            continue
+        if ppid == agent and f"RANK={rank}".encode() in env:
+            return pid
+    raise AssertionError(f"torchrun (pid {agent}) has no worker of rank {rank}")
+
+
+def assert_same_tree(a, b, where="checkpoint"):
+    """Bit-exact equality of two checkpoint trees: tensors by dtype, shape and torch.equal, the rest by ==."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            assert_same_tree(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
+
+
+def assert_same_end(ref, out):
+    """The runs in `ref` and `out` ended in the same state: last.pt (model, EMA, optimiser, step, data position,
+    RNG states of every rank, config, meta) and log.jsonl bit for bit, timings aside."""
+    a, b = (T.load_checkpoint(str(d / "last.pt"), "resgen") for d in (ref, out))
+    assert a.pop("args")["out"] != b.pop("args")["out"]  # the only difference between the two commands
+    assert_same_tree(a, b)
+    timing = ("steps_per_s", "tokens_per_s")
+    ra, rb = ([{k: v for k, v in r.items() if k not in timing} for r in read_log(d)] for d in (ref, out))
+    assert ra == rb and [r["step"] for r in ra] == list(range(1, a["step"] + 1))
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def test_sigterm_handlers_are_scoped_and_leave_an_ignored_signal_ignored():
+    """StopSignals records a signal instead of dying of it, hands back the handlers it found, and leaves a signal
+    the parent set to be ignored (a script's `cmd &` ignores SIGINT) ignored: such a job runs on through Ctrl-C."""
+    import train
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with train.StopSignals() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stop.record
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
+            assert stop.signum == signal.SIGTERM
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) == before
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_sigterm_stops_at_a_step_with_a_checkpoint_and_resumes_exactly(synthetic_cache, tmp_path):
+    """SIGTERM to a one-process run: it finishes the step, writes last.pt at that step (no periodic checkpoint is
+    due), says so, exits 143; the same command then ends where an uninterrupted run ends. The resume runs
+    train.main in this process, which must hand back the signal handlers it found."""
+    steps, cmd_args = 60, lambda out: train_args(synthetic_cache, out, steps, "--ckpt-every", "1000")
+    ref, out = tmp_path / "ref", tmp_path / "stopped"
+    run_main(*cmd_args(ref))
+    rc, text = signal_after_step([sys.executable, *cmd_args(out)], 5, lambda p: p.send_signal(signal.SIGTERM))
+    stopped = T.load_checkpoint(str(out / "last.pt"), "resgen")["step"]
+    assert rc == 128 + signal.SIGTERM and 5 <= stopped < steps, (rc, stopped, text[-2000:])
+    assert f"SIGTERM received: stopped at step {stopped} with a checkpoint in {out / 'last.pt'}" in text
+    assert read_log(out)[-1]["step"] == stopped
+    handlers = [signal.getsignal(s) for s in STOP_SIGNALS]
+    run_main(*cmd_args(out))
+    assert [signal.getsignal(s) for s in STOP_SIGNALS] == handlers
+    assert_same_end(ref, out)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds torchrun's workers through /proc (Linux)")
+def test_sigterm_to_one_torchrun_rank_stops_every_rank_at_one_step(synthetic_cache, tmp_path):
+    """torchrun --nproc_per_node=2 (gloo, CPU), SIGTERM to rank 1 alone: rank 0 never sees it, yet both ranks stop
+    at one step (a multiple of STOP_EVERY) and rank 0 writes last.pt there; rerun under torchrun, the run ends
+    bit for bit where an uninterrupted torchrun run ends (weights, optimiser, both ranks' RNG states, log)."""
+    import train
+    steps = 3 * train.STOP_EVERY
+
+    def torchrun(out):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                f"--master_port={port}", *train_args(synthetic_cache, out, steps, "--ckpt-every", "1000")]
+    ref, out = tmp_path / "ref", tmp_path / "stopped"
+    # the uninterrupted run alongside the one to stop: on a shared CPU their start-ups overlap
+    reference = subprocess.Popen(torchrun(ref), cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rc, text = signal_after_step(torchrun(out), 3, lambda p: os.kill(torchrun_worker(p.pid, 1), signal.SIGTERM))
+    assert reference.wait(timeout=300) == 0
+    stopped = T.load_checkpoint(str(out / "last.pt"), "resgen")["step"]
+    assert rc != 0 and 0 < stopped < steps and stopped % train.STOP_EVERY == 0, (rc, stopped, text[-3000:])
+    assert f"SIGTERM received: stopped at step {stopped}" in text and read_log(out)[-1]["step"] == stopped
+    run_cmd(*torchrun(out)[1:])
+    assert_same_end(ref, out)
+
+
+def test_sigterm_then_sigint_during_the_checkpoint_write_keeps_last_pt_whole(synthetic_cache, tmp_path,
+                                                                             monkeypatch):
+    """SIGTERM arrives in the middle of step 5; Ctrl-C (SIGINT) and a second SIGTERM arrive while last.pt is being
+    written (its bytes in the temporary file, not yet renamed). The step finishes, the write finishes, the first
+    signal names the exit (143) and last.pt holds step 5, whole; resumed, the run ends where an uninterrupted one
+    ends. Signals are raised in this process at those exact points, so no timing is involved."""
+    import train
+    cmd_args = lambda out: train_args(synthetic_cache, out, 12, "--ckpt-every", "1000")[1:]
+    ref, out = tmp_path / "ref", tmp_path / "stopped"
+    run_main("train.py", *cmd_args(ref))
+    real_lr_at, real_save = train.lr_at, T.torch.save
+
+    def lr_at(step, args):  # called at the start of each step's work
+        if step == 4:
+            signal.raise_signal(signal.SIGTERM)
+        return real_lr_at(step, args)
+
+    def save(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        signal.raise_signal(signal.SIGINT)  # the bytes are in the temporary file, not yet renamed to last.pt
+        signal.raise_signal(signal.SIGTERM)
+
+    def unhandled(signum, frame):  # in place of KeyboardInterrupt and death, which would end pytest itself
+        raise RuntimeError(f"signal {signum} reached the handler that train.main should have replaced")
+    monkeypatch.setattr(train, "lr_at", lr_at)
+    monkeypatch.setattr(T.torch, "save", save)
+    previous = [signal.signal(s, unhandled) for s in STOP_SIGNALS]
+    try:
+        with pytest.raises(SystemExit) as stop:
+            train.main(cmd_args(out))
+        assert [signal.getsignal(s) for s in STOP_SIGNALS] == [unhandled] * 2
+    finally:
+        for s, h in zip(STOP_SIGNALS, previous):
+            signal.signal(s, h)
+    monkeypatch.undo()
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert T.load_checkpoint(str(out / "last.pt"), "resgen")["step"] == 5 and read_log(out)[-1]["step"] == 5
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+    run_main("train.py", *cmd_args(out))
+    assert_same_end(ref, out)
 
 
 @needs_fmnist
