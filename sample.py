@@ -1,6 +1,7 @@
 """
 Sample images from a trained ResGen checkpoint (EMA weights) with the confidence-ordered sampler
 (DESIGN.md §4.4) and decode them with the RVQ tokenizer; or complete real images' codes (prompted generation).
+An RQ-Transformer checkpoint (train.py --arch rqtransformer) samples through the same commands, autoregressively.
 
     python sample.py --n 64                                   # runs/resgen/last.pt -> samples.png
     python sample.py --ckpt runs/resgen/last.pt --n 64 --steps 16 --cfg 3 --out samples.png
@@ -14,6 +15,11 @@ Sample images from a trained ResGen checkpoint (EMA weights) with the confidence
     python sample.py --ckpt runs/resgen_audio/last.pt --n 16 --codes-out samples.npy
 
 The PNG grid has one row per class (class-balanced, or the labels given by --classes).
+
+An RQ-Transformer checkpoint takes L spatial and L·D depth passes whatever --steps says: --steps and
+--choice-temperature (ResGen's) are ignored for it, and --top-k (its own) must stay 0 for ResGen; the passes each
+model made are printed (and recorded by eval_fid.py). Its prompts continue a prefix: --inpaint bottom (the top
+half given) on an image grid, --inpaint right on a sequence; any other prompt is one clear error.
 """
 import argparse
 import math
@@ -24,25 +30,31 @@ import time
 import numpy as np
 import torch
 
-from resgen import load_resgen
+from rqtransformer import ARCH, arch_of, load_model
 from tokenizer import (UserError, check_writable_dir, default_device, file_hash, load_code_cache, load_tokenizer,
                        parse_device, real_images, run_cli, save_grid, save_npy, spread_indices, to_float, to_uint8)
 
 # Sampler defaults, shared by sample.py and eval_fid.py (the paper's Fig. 3 knobs).
-SAMPLER_DEFAULTS = dict(steps=16, cfg=1.0, cfg_schedule="constant", top_p=1.0, temperature=1.0, choice_temperature=1.0)
+SAMPLER_DEFAULTS = dict(steps=16, cfg=1.0, cfg_schedule="constant", top_p=1.0, temperature=1.0, choice_temperature=1.0,
+                        top_k=0)
+# The flags each architecture's sampler ignores (ResGen's T and confidence temperature mean nothing to an
+# autoregressive model; top-k over codes is the RQ-Transformer's, ResGen's MoG head has no codes to rank).
+IGNORED = {"resgen": ("top_k",), ARCH: ("steps", "choice_temperature")}
 
 
 def add_sampler_args(p):
     """The sampler flags, one place for sample.py and eval_fid.py."""
     d = SAMPLER_DEFAULTS
-    p.add_argument("--steps", type=int, default=d["steps"], help="T: forward passes (independent of the RVQ depth)")
+    p.add_argument("--steps", type=int, default=d["steps"], help="T: forward passes (independent of the RVQ depth); "
+                   "an RQ-Transformer ignores it (L + L*D passes)")
     p.add_argument("--cfg", type=float, default=d["cfg"], help="classifier-free guidance scale w (1 = off)")
     p.add_argument("--cfg-schedule", default=d["cfg_schedule"], choices=["constant", "linear"],
                    help="w constant, or rising linearly with the revealed fraction")
     p.add_argument("--top-p", type=float, default=d["top_p"], help="nucleus over mixture components, in (0, 1]")
     p.add_argument("--temperature", type=float, default=d["temperature"], help="tau: z = b + e^s (mu_k + tau * eps) (MoG); softmax temperature (tokens)")
     p.add_argument("--choice-temperature", type=float, default=d["choice_temperature"],
-                   help="Gumbel noise on the confidences, annealed to 0 over the steps")
+                   help="Gumbel noise on the confidences, annealed to 0 over the steps (ResGen)")
+    p.add_argument("--top-k", type=int, default=d["top_k"], help="RQ-Transformer: keep the k most likely codes (0 = all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=default_device())
@@ -68,16 +80,42 @@ def sampler_kwargs(args):
         raise UserError(f"--temperature must be >= 0 (got {args.temperature})")
     if not args.choice_temperature >= 0:
         raise UserError(f"--choice-temperature must be >= 0 (got {args.choice_temperature})")
+    if args.top_k < 0:
+        raise UserError(f"--top-k must be >= 0 (0 = off; got {args.top_k})")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1 (got {args.batch_size})")
     return {k: getattr(args, k) for k in SAMPLER_DEFAULTS}
 
 
+def sampler_settings(model, settings):
+    """The sampler settings `model`'s generate() uses, from SAMPLER_DEFAULTS-style settings: the flags its
+    architecture ignores are dropped (IGNORED), so what is printed and recorded is what shaped the samples. A top-k
+    for ResGen is a UserError (it would silently do nothing)."""
+    arch = arch_of(model)
+    out = {**SAMPLER_DEFAULTS, **settings}
+    if arch == "resgen" and out["top_k"]:
+        raise UserError(f"--top-k {out['top_k']} is the RQ-Transformer's; ResGen samples with --top-p")
+    return {k: v for k, v in out.items() if k not in IGNORED[arch]}
+
+
+def forward_passes(model, settings):
+    """Sequential network passes per generate() call (per image, whatever the batch): ResGen's T transformer passes,
+    or the RQ-Transformer's L spatial and L·D depth passes."""
+    if arch_of(model) == ARCH:
+        return model.forward_passes()
+    return {"transformer": int(settings.get("steps", SAMPLER_DEFAULTS["steps"]))}
+
+
+def passes_text(passes):
+    return " + ".join(f"{n} {name}" for name, n in passes.items()) + " passes"
+
+
 def load_for_sampling(ckpt, tokenizer=None, device="cpu", decoder=True, compile=False):
-    """(ResGen with EMA weights, Tokenizer) on `device`; the tokenizer must be the one that made the codes.
+    """(model with EMA weights, Tokenizer) on `device`: a ResGen or an RQ-Transformer, whichever the checkpoint
+    holds (rqtransformer.load_model); the tokenizer must be the one that made the codes.
     decoder=False: the tokenizer is optional (None when neither given nor named by the checkpoint): codes only.
     compile: ResGen.compile_sampler (the first batch then takes the compile time)."""
-    model = load_resgen(ckpt, ema=True, device=device)
+    model = load_model(ckpt, ema=True, device=device)
     if compile:
         model.compile_sampler()
     path = tokenizer or model.meta.get("tokenizer")
@@ -107,10 +145,11 @@ def generate_codes(model, labels, batch_size=64, seed=0, device=None, progress=F
 
     labels: (N,) int64 tensor. prompt_codes (N, L, D) / prompt_mask (N, L, D) bool: prompted generation (the
     given tokens are kept). Batch b uses seed + b, so results do not depend on what else was sampled before.
-    The one generation loop of the project (generate_images, the prompted commands and eval_fid.py use it).
+    The one generation loop of the project (generate_images, the prompted commands and eval_fid.py use it); either
+    architecture (sampler_settings drops the flags the model ignores).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    kwargs = {**SAMPLER_DEFAULTS, **sampler}
+    kwargs = sampler_settings(model, sampler)
     out, t0 = [], time.time()
     for b, i in enumerate(range(0, len(labels), batch_size)):
         y = labels[i:i + batch_size].to(device)
@@ -223,6 +262,8 @@ def complete_real_items(model, tok, data, n, inpaint=None, keep_depth=0, classes
     tokens, labels (n,) the items' labels, originals uint8 images (None for a code cache)."""
     c = model.config
     kept = prompt_mask(model.meta.get("grid", [c.length]), c.depth, inpaint, keep_depth)  # (L, D)
+    if arch_of(model) == ARCH:  # it continues a prefix only: fail before reading any data
+        model.check_prompt(kept.unsqueeze(0))
     real, labels, originals = real_prompts(data, tok, n, data_dir=data_dir)
     given = kept.expand(len(real), -1, -1)
     cond = class_labels(len(real), c.num_classes, classes) if classes else labels
@@ -291,8 +332,11 @@ def main(argv=None):
     grid, D = model.meta.get("grid", [model.config.length]), model.config.depth
     prompted = args.inpaint is not None or args.keep_depth != 0
     t0 = time.time()
+    settings = sampler_settings(model, kwargs)
     if prompted:
-        prompt_mask(grid, D, args.inpaint, args.keep_depth)  # bad flags fail before any data is read
+        kept = prompt_mask(grid, D, args.inpaint, args.keep_depth)  # bad flags fail before any data is read
+        if arch_of(model) == ARCH:
+            model.check_prompt(kept.unsqueeze(0))
         data = args.data or model.meta.get("data")
         if not data:
             raise UserError(f"--inpaint / --keep-depth prompt with real items: {args.ckpt} names no data, pass --data")
@@ -306,7 +350,8 @@ def main(argv=None):
     images = decode_codes(tok, codes, args.batch_size) if tok is not None and (out or args.npz) else None
     dt = time.time() - t0
     what = f"{len(codes)} {'completions' if prompted else 'samples'} in {dt:.1f} s ({len(codes) / dt:.2f}/s)"
-    settings = f"step {model.step}, " + ", ".join(f"{k}={v}" for k, v in kwargs.items())
+    settings = (f"step {model.step}, " + ", ".join(f"{k}={v}" for k, v in settings.items())
+                + f", {passes_text(forward_passes(model, settings))} per batch")
     if out and prompted:
         real = done["real"]
         originals = done["originals"] if done["originals"] is not None else decode_codes(tok, real, args.batch_size)

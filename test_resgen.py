@@ -2053,6 +2053,280 @@ def test_cli_npz_end_to_end(tmp_path):
 #################################################################################
 
 #################################################################################
+#        RQ-Transformer: the autoregressive baseline (the paper's Table 2)       #
+#################################################################################
+
+def tiny_rq(L=8, D=3, V=16, c=4, num_classes=5, seed=0, scale=0.1, **kw):
+    """A tiny RQ-Transformer whose every weight is perturbed: adaLN-Zero and the zero-initialised output modulation
+    would otherwise leave the blocks the identity and hide what the causal masks and caches do."""
+    import rqtransformer
+    torch.manual_seed(seed)
+    cfg = rqtransformer.make_config("tiny", length=L, depth=D, codebook_size=V, code_dim=c, num_classes=num_classes,
+                                    **kw)
+    m = rqtransformer.RQTransformer(cfg, random_codebooks(D, V, c, seed)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return m
+
+
+@FAST
+@given(seed=st.integers(0, 2**31 - 1), L=st.integers(1, 5), D=st.integers(1, 4), data=st.data())
+def test_rq_causal_masks_later_tokens_never_change_earlier_logits(seed, L, D, data):
+    """The logit of token t (raster order over positions, depth order within one) depends on the class and the
+    tokens before t only: changing token t changes no logit at 0..t, and does change the logit at t + 1."""
+    m = tiny_rq(L=L, D=D, seed=seed % 1000)
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (2, L, D), generator=g)
+    labels = torch.tensor([1, 5])  # a class and the null class
+    t = data.draw(st.integers(0, L * D - 1))
+    other = codes.clone().view(2, -1)
+    other[:, t] = (other[:, t] + 1 + torch.randint(0, 15, (2,), generator=g)) % 16
+    with torch.no_grad():
+        a = m.logits(codes, labels).reshape(2, L * D, -1)
+        b = m.logits(other.view(2, L, D), labels).reshape(2, L * D, -1)
+    assert torch.equal(a[:, :t + 1], b[:, :t + 1])
+    if t + 1 < L * D:
+        assert (a[:, t + 1] - b[:, t + 1]).abs().max() > 1e-6
+    with torch.no_grad():  # the class reaches every logit, the first one included (the start token)
+        assert (m.logits(codes, torch.tensor([2, 0])) - m.logits(codes, labels)).abs().amax((1, 2, 3)).min() > 1e-6
+
+
+def rq_prefix_prompt(B, L, D, V, seed):
+    """Prompt codes and a prefix in generation order with a different length per row: row 0 gives nothing, row 1
+    two whole positions, row 2 one position and part of the next, the others random prefix lengths."""
+    g = torch.Generator().manual_seed(seed)
+    n = torch.randint(0, L * D + 1, (B,), generator=g)
+    n[0], n[1], n[2] = 0, min(2, L) * D, min(D + 1, L * D)
+    given = (torch.arange(L * D) < n.unsqueeze(-1)).view(B, L, D)
+    return torch.randint(0, V, (B, L, D), generator=g), given
+
+
+@pytest.mark.parametrize("cfg,schedule,top_k,top_p,temperature,prompted",
+                         [(1.0, "constant", 0, 1.0, 1.0, False), (3.0, "constant", 5, 0.9, 0.8, False),
+                          (2.0, "linear", 0, 1.0, 1.0, True), (3.0, "constant", 3, 1.0, 0.0, True)])
+def test_rq_cached_sampling_matches_uncached(cfg, schedule, top_k, top_p, temperature, prompted):
+    """The KV-cached sampler (L spatial + L·D depth one-token steps) returns the same codes as recomputing the whole
+    sequence at every step (L·D full passes), for the same seed, with and without CFG and prompts; given tokens
+    come back unchanged; codes in range; the same seed gives the same codes, another seed other codes."""
+    L, D, V, B = 6, 3, 16, 6
+    m = tiny_rq(L=L, D=D, V=V)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])  # 5: the null class
+    kw = dict(cfg=cfg, cfg_schedule=schedule, top_k=top_k, top_p=top_p, temperature=temperature)
+    if prompted:
+        prompt, given = rq_prefix_prompt(B, L, D, V, seed=1)
+        kw.update(prompt_codes=prompt, prompt_mask=given)
+    cached = m.generate(labels, generator=torch.Generator().manual_seed(7), **kw)
+    uncached = m.generate(labels, generator=torch.Generator().manual_seed(7), cache=False, **kw)
+    assert torch.equal(cached, uncached)
+    assert cached.shape == (B, L, D) and int(cached.min()) >= 0 and int(cached.max()) < V
+    if prompted:
+        assert torch.equal(cached[given], prompt[given])
+    if temperature > 0:
+        assert not torch.equal(cached, m.generate(labels, generator=torch.Generator().manual_seed(8), **kw))
+
+
+def test_rq_loss_is_a_hand_computed_cross_entropy():
+    """At initialisation every DiT block is the identity (adaLN-Zero), so the model is its inputs and its output layer;
+    with random output weights the loss must equal a cross-entropy computed here token by token from the
+    definition: position i reads the class (i = 0) or the summed embeddings of position i - 1, depth j reads h_i
+    (j = 0) or the summed embeddings of depths < j, LayerNorm, then depth j's linear map."""
+    import rqtransformer
+    L, D, V, c, B = 3, 2, 8, 4, 2
+    cfg = rqtransformer.make_config("tiny", length=L, depth=D, codebook_size=V, code_dim=c, num_classes=3)
+    torch.manual_seed(0)
+    m = rqtransformer.RQTransformer(cfg, random_codebooks(D, V, c, 1))
+    with torch.no_grad():
+        m.head.weight.normal_()
+        m.head.bias.normal_()
+    g = torch.Generator().manual_seed(2)
+    codes = torch.randint(0, V, (B, L, D), generator=g)
+    labels = torch.tensor([0, 2])
+    loss, stats = m(codes, labels, drop=torch.zeros(B, dtype=torch.bool))
+    e = m.codebooks  # (D, V, c)
+    total = 0.0
+    for b in range(B):
+        for i in range(L):
+            h = m.class_embed.weight[labels[b]] if i == 0 else m.code_in(sum(e[j, codes[b, i - 1, j]] for j in range(D)))
+            h = h + m.pos_embed[0, i]
+            for j in range(D):
+                x = h if j == 0 else m.depth_in(sum(e[k, codes[b, i, k]] for k in range(j)))
+                x = torch.nn.functional.layer_norm(x + m.depth_pos_embed[0, j], (x.shape[-1],), eps=1e-6)
+                logits = m.head.weight[j] @ x + m.head.bias[j * V:(j + 1) * V]
+                total = total - torch.log_softmax(logits, -1)[codes[b, i, j]]
+    torch.testing.assert_close(loss, total / (B * L * D), rtol=1e-5, atol=1e-6)
+    # count: the sum over tokens divided by the count given (train.py's share of a global batch)
+    torch.testing.assert_close(m(codes, labels, drop=torch.zeros(B, dtype=torch.bool), count=5.0)[0], total / 5.0,
+                               rtol=1e-5, atol=1e-6)
+    assert 0 <= float(stats["token_acc"]) <= 1
+
+
+def test_rq_cfg_at_one_is_no_guidance():
+    """Guidance on the logits, u + w·(c − u): at w = 1 exactly the conditional logits (at w = 0 the unconditional).
+    In the sampler: with the linear schedule w is exactly 1 at the first token, so its first tokens, drawn through the
+    guided path (2B rows), equal the unguided sampler's for the same seed; with w = 3 from the start they differ."""
+    import rqtransformer
+    g = torch.Generator().manual_seed(0)
+    cond, uncond = torch.randn(4, 16, generator=g), torch.randn(4, 16, generator=g)
+    assert torch.equal(rqtransformer.guided_logits(torch.cat([cond, uncond]), 1.0), cond)
+    torch.testing.assert_close(rqtransformer.guided_logits(torch.cat([cond, uncond]), 0.0), uncond)
+    m = tiny_rq(L=2, D=2, V=16, scale=0.5)
+    labels = torch.arange(64) % 5
+
+    def first(**kw):
+        return m.generate(labels, generator=torch.Generator().manual_seed(3), **kw)[:, 0, 0]
+    plain = first(cfg=1.0)
+    assert torch.equal(first(cfg=3.0, cfg_schedule="linear"), plain)
+    assert not torch.equal(first(cfg=3.0), plain)
+
+
+def test_rq_bad_input_one_clear_line():
+    """Prompts that are not a prefix in generation order, caches of the wrong shape, bad sampler values: one
+    UserError each, with a one-line message that says what is wrong."""
+    import rqtransformer
+    L, D, V, B = 4, 3, 16, 2
+    m = tiny_rq(L=L, D=D, V=V)
+    labels = torch.tensor([0, 1])
+    codes = torch.zeros(B, L, D, dtype=torch.long)
+    keep_depth = torch.zeros(B, L, D, dtype=torch.bool)
+    keep_depth[..., 0] = True                  # depth 1 everywhere: ResGen's re-detailing, not a continuation
+    gap = torch.zeros(B, L, D, dtype=torch.bool)
+    gap[1, 0, 0] = gap[1, 0, 2] = True         # depth 2 of position 0 given without depth 1
+    bottom = torch.zeros(B, L, D, dtype=torch.bool)
+    bottom[:, 2:] = True                       # the last positions given: inpainting the top
+    cases = [(dict(prompt_codes=codes, prompt_mask=keep_depth), "continues a prefix"),
+             (dict(prompt_codes=codes, prompt_mask=gap), "row 1 gives position 0 depth 2 but not position 0 depth 1"),
+             (dict(prompt_codes=codes, prompt_mask=bottom), "continues a prefix"),
+             (dict(prompt_codes=codes[:, :2], prompt_mask=keep_depth[:, :2]), "shape"),
+             (dict(prompt_codes=codes, prompt_mask=keep_depth.long()), "bool"),
+             (dict(prompt_codes=codes + 99, prompt_mask=torch.ones_like(keep_depth)), "0..15"),
+             (dict(prompt_mask=keep_depth), "both"),
+             (dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p"), (dict(temperature=-1.0), "temperature"),
+             (dict(cfg_schedule="cubic"), "cfg schedule")]
+    for kw, needle in cases:
+        with pytest.raises(UserError, match=needle) as e:
+            m.generate(labels, **kw)
+        assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="labels must be in 0..5"):
+        m.generate(torch.tensor([0, 9]))
+    spatial, depth = m.new_caches(B, "cpu")
+    x = torch.zeros(B, 1, m.config.width)
+    mods = [blk.modulation(m.class_embed(labels)) for blk in m.spatial_blocks]
+    wrong = rqtransformer.KVCache(m.config.layers, B + 1, m.config.heads, L, m.config.width // m.config.heads)
+    for cache, needle in ((wrong, r"spatial KV cache has shape \(1, 3, 4, 4, 16\).*\(1, 2, 4, 4, 16\)"),
+                          (depth, "spatial KV cache has shape")):
+        with pytest.raises(UserError, match=needle) as e:
+            m.spatial_step(x, mods, cache, 0)
+        assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="past the 4 positions"):
+        m.spatial_step(x, mods, spatial, L)
+    with pytest.raises(UserError, match="depth KV cache"):
+        m.depth_step(x, [blk.modulation(m.class_embed(labels)) for blk in m.depth_blocks], spatial, 0)
+    with pytest.raises(UserError, match="codebooks have shape"):
+        rqtransformer.RQTransformer(m.config, torch.zeros(D, V + 1, 4))
+    with pytest.raises(UserError, match="unknown model size"):
+        rqtransformer.make_config("huge", length=1, depth=1, codebook_size=2, code_dim=1, num_classes=1)
+
+
+def test_rq_sizes_match_resgen_parameter_counts():
+    """The registry's claim: at every size the RQ-Transformer's parameters are within 10% of ResGen's with its
+    default head on the Fashion-MNIST codes (L = 64, V = 256, c = 16) at D = 4 and 16."""
+    import rqtransformer
+    for size in ("small", "base", "large", "xl"):
+        for D in (4, 16):
+            codes = dict(length=64, depth=D, codebook_size=256, code_dim=16, num_classes=10)
+            with torch.device("meta"):
+                ours = rqtransformer.RQTransformer(rqtransformer.make_config(size, **codes), torch.zeros(D, 256, 16))
+                theirs = resgen.ResGen(resgen.make_config(size, **codes), torch.zeros(D, 256, 16))
+            assert 0.9 < ours.num_params() / theirs.num_params() < 1.1, (size, D)
+
+
+def test_rq_train_resume_sample_and_continue(tmp_path):
+    """train.py --arch rqtransformer on a cache of a synthetic RVQ: loss logged, the checkpoint records its arch, a run
+    cut in two ends where an uninterrupted one does, load_model returns an RQTransformer, sample.py writes codes and
+    continues the first half of sequences (--inpaint right); ResGen-only flags and prompts give one clear line."""
+    import rqtransformer
+    import sample
+    codes, labels, cb = synthetic_rvq(48, (10,))
+    cache = tmp_path / "cache"
+    T.save_code_cache(str(cache), codes, labels, cb)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run_main(*train_args(cache, whole, 4, "--arch", "rqtransformer"))
+    run_main(*train_args(cache, cut, 2, "--arch", "rqtransformer"))
+    run_main(*train_args(cache, cut, 4, "--arch", "rqtransformer"))
+    a, b = (T.load_checkpoint(str(p / "last.pt"), "resgen") for p in (whole, cut))
+    assert a["arch"] == "rqtransformer" and a["step"] == b["step"] == 4
+    for key in ("model", "ema"):
+        for k, v in a[key].items():
+            assert torch.equal(v, b[key][k]), (key, k)
+    log = read_log(whole)
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in log)
+    ckpt = str(whole / "last.pt")
+    model = rqtransformer.load_model(ckpt)
+    assert isinstance(model, rqtransformer.RQTransformer) and model.step == 4 and not model.training
+    assert sample.sampler_settings(model, {}) == dict(cfg=1.0, cfg_schedule="constant", top_p=1.0, temperature=1.0,
+                                                      top_k=0)
+    run_main("sample.py", "--ckpt", ckpt, "--n", "5", "--cfg", "2", "--top-k", "4", "--codes-out", tmp_path / "s.npy",
+             "--device", "cpu")
+    s = np.load(tmp_path / "s.npy")
+    assert s.shape == (5, 10, 3) and s.max() < 16
+    run_main("sample.py", "--ckpt", ckpt, "--n", "5", "--inpaint", "right", "--data", cache,
+             "--codes-out", tmp_path / "p.npy", "--device", "cpu")
+    p, real = np.load(tmp_path / "p.npy"), codes[T.spread_indices(48, 5)]
+    assert np.array_equal(p[:, :5], real[:, :5])
+    resgen_run = tmp_path / "rg"
+    run_main(*train_args(cache, resgen_run, 1))
+    for args, needle in [(("sample.py", "--ckpt", ckpt, "--compile", "--codes-out", tmp_path / "k.npy"), "--compile"),
+                         (("sample.py", "--ckpt", resgen_run / "last.pt", "--top-k", "3", "--codes-out",
+                           tmp_path / "k.npy"), "--top-k 3 is the RQ-Transformer's"),
+                         (train_args(cache, tmp_path / "o1", 2, "--arch", "rqtransformer", "--head", "tokens"), "--head"),
+                         (train_args(cache, tmp_path / "o2", 2, "--arch", "transformer"), "unknown --arch"),
+                         (train_args(cache, whole, 6), "holds a rqtransformer model, not --arch resgen")]:
+        with pytest.raises(UserError, match=needle):
+            run_main(*args, "--device", "cpu")
+    # on the command line: one 'error:' line, nothing written
+    p = run_cmd("sample.py", "--ckpt", ckpt, "--keep-depth", "1", "--data", str(cache), "--codes-out",
+                str(tmp_path / "k.npy"), "--device", "cpu", check=False)
+    assert_clean_error(p)
+    assert "continues a prefix" in p.stderr
+    assert not (tmp_path / "k.npy").exists() and T.load_checkpoint(ckpt, "resgen")["step"] == 4
+
+
+@needs_fmnist
+def test_rq_end_to_end_pictures_and_evaluation(code_cache, tiny_classifier, tmp_path, capsys):
+    """An RQ-Transformer on a tokenizer's codes through the commands: train, a picture, and eval_fid's JSON row,
+    which records the architecture, the passes it made (L spatial, L·D depth) and only the sampler settings it uses
+    (no T)."""
+    out = tmp_path / "rq"
+    run_main(*train_args(code_cache, out, 3, "--arch", "rqtransformer"))
+    png = tmp_path / "s.png"
+    capsys.readouterr()
+    run_main("sample.py", "--ckpt", out / "last.pt", "--n", "4", "--cfg", "2", "--out", png, "--device", "cpu")
+    assert png.stat().st_size > 0 and "64 spatial + 192 depth passes" in capsys.readouterr().out
+    run_main("eval_fid.py", "--ckpt", out / "last.pt", "--no-fid", "--n", "10", "--ref-n", "10",
+             "--classifier", tiny_classifier, "--device", "cpu")
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["arch"] == "rqtransformer" and r["forward_passes"] == {"spatial": 64, "depth": 192}
+    assert "steps" not in r["sampler"] and r["sampler"]["top_k"] == 0 and r["sampling_seconds_per_image"] > 0
+
+
+def test_rq_rows_draw_as_points_in_fig2():
+    """In the seconds figure (Fig. 2) an RQ-Transformer's single row per setting is its line (a marker); in the
+    figures over T it has no points; legends name top-k on its line only."""
+    rows = _figure_rows()
+    ar = {**_result_row("runs/rq/last.pt", 60.0), "arch": "rqtransformer",
+          "forward_passes": {"spatial": 64, "depth": 256}}
+    ar["sampler"] = {k: v for k, v in ar["sampler"].items() if k not in ("steps", "choice_temperature")}
+    ar["sampler"]["top_k"] = 0
+    rows.append(ar)
+    seconds = eval_fid.figure_lines(rows, "sampling_seconds_per_image", "fd_classifier")
+    assert len(seconds) == 5 and sum(len(p) == 1 for p in seconds.values()) == 1
+    assert len(eval_fid.figure_lines(rows, "steps", "fd_classifier")) == 4
+    labels, shared = eval_fid._line_labels([json.loads(k) for k in seconds])
+    assert "rq w=3.0" in labels and "mog w=1.0" in labels and not any("top-k" in l for l in labels) and "top-k=0" in shared
+
+
+#################################################################################
 #                 CUDA (run where a GPU is present; CI has none)                #
 #################################################################################
 

@@ -3,6 +3,8 @@ Train ResGen on a cache of RVQ codes (DESIGN.md §4.2, §4.3, §6, §7).
 
     # 1 CPU (the Fashion-MNIST demo model)
     python train.py --data runs/fashion_mnist_codes --model small --out runs/resgen --steps 1200 --batch-size 32 --lr 1e-3 --warmup 100 --device cpu
+    # the autoregressive baseline of the paper's Table 2 on the same codes (rqtransformer.py), same flags otherwise
+    python train.py --arch rqtransformer --data runs/fashion_mnist_codes --model small --out runs/rq --steps 1200 --batch-size 32 --lr 1e-3 --warmup 100 --device cpu
     # 1 GPU (bf16 autocast, TF32)
     python train.py --data imagenet_latents --model xl --out runs/resgen_xl --batch-size 256 --compile
     # 8 GPUs on one node (DDP over NCCL); --batch-size is the global batch
@@ -38,7 +40,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from resgen import HEADS, SIZES, ResGen, checkpoint_config, make_config, sample_mask
+import resgen
+import rqtransformer
+from resgen import HEADS, ResGen, sample_mask
+from rqtransformer import ARCHS, RQTransformer, arch_of, checkpoint_arch, checkpoint_config
 from tokenizer import (UserError, check_writable_dir, code_range, default_device, file_hash, load_cache_codebooks,
                        load_checkpoint, load_code_cache, load_tokenizer, parse_device, run_cli, save_checkpoint,
                        setup_dist, teardown_dist)
@@ -194,11 +199,15 @@ def step_noise(step, args, config, device):
     """Forward masks and label drops for the whole global batch of `step`, from a generator seeded by the step.
 
     Every rank draws the same global noise and keeps its slice, so N processes compute exactly the batch one
-    process would, and a resumed run redraws exactly what the interrupted one would have.
+    process would, and a resumed run redraws exactly what the interrupted one would have. An autoregressive model
+    (RQ-Transformer) scores every token: its mask is all True and only the label drops are random.
     """
     g = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step + 1)
-    mask = sample_mask(args.batch_size, config.length, config.depth, generator=g, device=device,
-                       schedule=config.schedule)
+    if arch_of(config) == rqtransformer.ARCH:
+        mask = torch.ones(args.batch_size, config.length, config.depth, dtype=torch.bool, device=device)
+    else:
+        mask = sample_mask(args.batch_size, config.length, config.depth, generator=g, device=device,
+                           schedule=config.schedule)
     drop = torch.rand(args.batch_size, generator=g, device=device) < config.label_dropout
     return mask, drop
 
@@ -220,19 +229,32 @@ HEAD_FLAGS = ("components_per_code", "head_layers", "classification_weight", "la
 
 
 def build_config(args, meta):
-    length = int(np.prod(meta["grid"]))
+    """The model's config (of --arch) from the flags and the code cache's meta.json."""
+    data = dict(length=int(np.prod(meta["grid"])), depth=meta["depth"], codebook_size=meta["codebook_size"],
+                code_dim=meta["code_dim"], num_classes=meta["num_classes"], label_dropout=args.label_dropout)
+    if args.arch == rqtransformer.ARCH:
+        return rqtransformer.make_config(args.model, **data)
     head = {k: getattr(args, k) for k in HEAD_FLAGS if getattr(args, k) is not None}
-    return make_config(args.model, length=length, depth=meta["depth"], codebook_size=meta["codebook_size"],
-                       code_dim=meta["code_dim"], num_classes=meta["num_classes"], head=args.head,
-                       label_dropout=args.label_dropout, **head)
+    return resgen.make_config(args.model, head=args.head, **data, **head)
+
+
+def build_model(config, codebooks):
+    """ResGen or RQTransformer, whichever the config is of."""
+    return (RQTransformer if arch_of(config) == rqtransformer.ARCH else ResGen)(config, codebooks)
 
 
 def validate(args, world):
     for k in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "components_per_code"):
         if getattr(args, k) is not None and getattr(args, k) < 1:
             raise UserError(f"--{k.replace('_', '-')} must be >= 1 (got {getattr(args, k)})")
-    if args.model not in SIZES:
-        raise UserError(f"unknown --model {args.model!r} (choose from {', '.join(SIZES)})")
+    if args.arch not in ARCHS:
+        raise UserError(f"unknown --arch {args.arch!r} (choose from {', '.join(ARCHS)})")
+    sizes = rqtransformer.SIZES if args.arch == rqtransformer.ARCH else resgen.SIZES
+    if args.model not in sizes:
+        raise UserError(f"unknown --model {args.model!r} (choose from {', '.join(sizes)})")
+    if args.arch == rqtransformer.ARCH and (args.head != "mog" or any(getattr(args, k) is not None for k in HEAD_FLAGS)):
+        raise UserError("--head and the MoG head's flags (--" + ", --".join(k.replace("_", "-") for k in HEAD_FLAGS)
+                        + ") set ResGen's head; the RQ-Transformer (--arch rqtransformer) has none")
     if args.head not in HEADS:
         raise UserError(f"unknown --head {args.head!r} (choose from {', '.join(HEADS)})")
     if not args.lr > 0:
@@ -254,7 +276,10 @@ def main(argv=None):
                    help="code cache folder (tokenizer.py encode, or tokenizer.save_code_cache)")
     p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: the one named in meta.json)")
     p.add_argument("--out", default="runs/resgen", help="run folder: last.pt, log.jsonl, samples")
-    p.add_argument("--model", default="xl", help=f"size: {', '.join(SIZES)} (xl = the paper's 574M)")
+    p.add_argument("--arch", default="resgen", help="resgen (the paper's model) or rqtransformer (the autoregressive "
+                   "baseline of its Table 2, rqtransformer.py)")
+    p.add_argument("--model", default="xl", help=f"size: {', '.join(resgen.SIZES)} (xl = the paper's 574M; the "
+                   "RQ-Transformer's sizes match their parameter counts)")
     p.add_argument("--head", default="mog", help="mog: cumulative embedding (the paper); tokens: the ablation")
     # the MoG head's knobs; each defaults to ResGenConfig's
     p.add_argument("--components-per-code", type=int, default=None,
@@ -299,6 +324,9 @@ def main(argv=None):
     ckpt = None
     if os.path.exists(ckpt_path):
         ckpt = load_checkpoint(ckpt_path, "resgen")
+        if checkpoint_arch(ckpt, ckpt_path) != args.arch:
+            raise UserError(f"{ckpt_path} holds a {checkpoint_arch(ckpt, ckpt_path)} model, not --arch {args.arch}; "
+                            f"use another --out")
         if asdict(checkpoint_config(ckpt, ckpt_path)) != asdict(config):
             raise UserError(f"{ckpt_path} holds a model {ckpt.get('config')} but these flags and data give "
                             f"{asdict(config)}; use another --out")
@@ -314,7 +342,7 @@ def main(argv=None):
             os.unlink(stale)
 
     torch.manual_seed(args.seed + rank)  # per-rank seeds for anything else random (dropout); masks: step_noise
-    model = ResGen(config, codebooks).to(device)
+    model = build_model(config, codebooks).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     decay_params = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     other_params = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
@@ -337,7 +365,8 @@ def main(argv=None):
                 lines = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
         with open(log_path, "w") as f:
             f.writelines(lines)
-        print(f"ResGen {args.model} ({args.head} head): {model.num_params() / 1e6:.2f}M parameters, L={config.length}, "
+        name = f"RQ-Transformer {args.model}" if args.arch == rqtransformer.ARCH else f"ResGen {args.model} ({args.head} head)"
+        print(f"{name}: {model.num_params() / 1e6:.2f}M parameters, L={config.length}, "
               f"D={config.depth}, V={config.codebook_size}, {len(codes)} training grids, {world} process(es) on "
               f"{device.type}" + (f"; resuming at step {step}" if step else ""), flush=True)
 
@@ -401,7 +430,7 @@ def main(argv=None):
                     rec = {"step": step, "loss": round(loss_sum.item(), 6), "lr": lr,
                            "grad_norm": round(grad_norm.item(), 4), "steps_per_s": round(rate, 3),
                            "tokens_per_s": round(rate * tokens_per_step), **{k: round(v.item(), 4) for k, v in stats.items()}}
-                    unit = "nats/dim" if config.head == "mog" else "nats/token"
+                    unit = "nats/dim" if getattr(config, "head", None) == "mog" else "nats/token"
                     print(f"step {step:7d} | loss {rec['loss']:.4f} {unit} | lr {lr:.2e} | grad {rec['grad_norm']:.3f} | "
                           f"{rate:.2f} steps/s | {rec['tokens_per_s']:,} tokens/s | ETA {eta / 60:.1f} min", flush=True)
                     with open(log_path, "a") as f:
@@ -414,8 +443,9 @@ def main(argv=None):
                     rngs = [None] * world
                     dist.all_gather_object(rngs, rng_state(device))
                 if rank == 0:
-                    save_checkpoint({"kind": "resgen", "config": asdict(config), "model": model.state_dict(),
-                                     "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                    save_checkpoint({"kind": "resgen", "arch": args.arch, "config": asdict(config),
+                                     "model": model.state_dict(), "ema": ema.state_dict(),
+                                     "optimizer": opt.state_dict(), "step": step,
                                      "data_position": step * args.batch_size, "rng": rngs, "meta": meta,
                                      "args": vars(args)}, ckpt_path)
             if out_of_time and rank == 0:
