@@ -10,6 +10,8 @@ asserts a speed. It prints one table and appends one JSON line per measurement t
     python bench.py --only cuda
     # 1 GPU, every GPU row with eager vs compiled (make bench-gpu: at most 8 minutes)
     python bench.py --only cuda --compile
+    # only row 8 (ResGen against the RQ-Transformer), CPU or GPU
+    python bench.py --only cpu --rows versus --threads 1
 
 What it measures, each as a ratio or a share inside one run, so machine noise cancels:
   1. depth decoupling: sampling time at D = 4, 8, 16 (same L, width, layers, steps, batch), MoG and token head;
@@ -19,7 +21,10 @@ What it measures, each as a ratio or a share inside one run, so machine noise ca
   5. the largest sampling batch of xl on one GPU (predicted from two small batches' peak memory, then bisected);
   6. with --compile, eager vs compiled: torch.compile(model) for training (train.py --compile), ResGen.compile_sampler
      for sampling (rows 1, 2 and 4);
-  7. re-quantization alone (resgen.requantize), eager vs torch.compile, at the shapes rows 1, 2 and 4 run.
+  7. re-quantization alone (resgen.requantize), eager vs torch.compile, at the shapes rows 1, 2 and 4 run;
+  8. the paper's Table 2 in small: sampling time of ResGen (MoG and token heads, T passes) and of the
+     RQ-Transformer (rqtransformer.py: L spatial + L·D depth passes) at matched parameters, D = 4, 8, 16 at the same
+     L, batch and hardware, and the same at L = 16, 64, 144 (D = 4): how each grows with D and with L.
 Repeats are interleaved (round-robin over the settings being compared) and the best time is reported, so a
 burst of load from another process hits every setting alike. Every model has random weights and random
 codebooks, with a trained-like σ and codebook scale (SAMPLE_LOG_SIGMA: on the CPU the sampler's cost depends on
@@ -44,6 +49,7 @@ from types import SimpleNamespace
 import torch
 
 import resgen
+import rqtransformer
 from resgen import ResGen, make_config
 from tokenizer import UserError, check_writable_dir, file_hash, run_cli
 from train import step_noise, update_ema
@@ -88,13 +94,17 @@ class Plan:
     train_batch: int
     train_steps: int   # timed optimiser steps per repeat
     bisect_tol: float  # max-batch search stops when hi - lo <= tol·lo
+    versus_steps: int = 16                 # row 8: ResGen's T (the sampler's default, RESULTS' setting)
+    versus_lengths: tuple = (16, 64, 144)  # row 8: L for the growth with L (square grids 4x4, 8x8, 12x12)
 
 
 PLANS = {
     ("cpu", False): Plan("small", batch=8, steps=8, repeats=5, train_batch=32, train_steps=3, bisect_tol=0.0),
-    ("cpu", True): Plan("tiny", batch=4, steps=4, repeats=2, train_batch=8, train_steps=2, bisect_tol=0.0),
+    ("cpu", True): Plan("tiny", batch=4, steps=4, repeats=2, train_batch=8, train_steps=2, bisect_tol=0.0,
+                        versus_steps=4, versus_lengths=(16, 64)),
     ("cuda", False): Plan("xl", batch=256, steps=64, repeats=2, train_batch=256, train_steps=10, bisect_tol=1 / 32),
-    ("cuda", True): Plan("xl", batch=32, steps=8, repeats=2, train_batch=32, train_steps=3, bisect_tol=1 / 4),
+    ("cuda", True): Plan("xl", batch=32, steps=8, repeats=2, train_batch=32, train_steps=3, bisect_tol=1 / 4,
+                         versus_steps=4, versus_lengths=(16, 64)),
 }
 
 # Dense bf16 tensor-core peak in TFLOP/s, from the vendors' data sheets (no sparsity). The first substring of
@@ -240,12 +250,23 @@ def build(size, codes, device, head="mog", seed=0, compiled=False, **overrides):
     return model.eval().compile_sampler() if compiled else model.eval()
 
 
+def build_rq(size, codes, device, seed=0):
+    """RQ-Transformer (rqtransformer.py) of a named size with random weights and the same random codebooks as
+    `build`, in eval mode. Its sampling cost depends on the shapes only (no σ: it samples codes from logits)."""
+    torch.manual_seed(seed)
+    config = rqtransformer.make_config(size, **codes)
+    with torch.device(device):
+        return rqtransformer.RQTransformer(config, trained_like_codebooks(config.depth, config.codebook_size,
+                                                                          config.code_dim)).eval()
+
+
 def labels_for(model, batch, device):
     return torch.arange(batch, device=device) % model.config.num_classes
 
 
 def sampling_fn(model, batch, steps, device, seed=0):
-    """One full generate() with guidance on; the same seed every call, so every repeat does the same work."""
+    """One full generate() with guidance on; the same seed every call, so every repeat does the same work. An
+    RQ-Transformer ignores `steps` (its L + L·D steps are fixed)."""
     labels = labels_for(model, batch, device)
 
     def run():
@@ -358,6 +379,25 @@ def bench_depth(plan, head, codebook_size, device, batch, compiled=False, **over
     times = interleaved({D: sampling_fn(m, batch, plan.steps, device) for D, m in models.items()},
                         plan.repeats, device)
     return {D: summary(t) for D, t in times.items()}
+
+
+VERSUS_MODELS = ("mog", "tokens", "rq")  # row 8: ResGen with either head, and the RQ-Transformer
+
+
+def build_versus(name, size, codes, device):
+    return build_rq(size, codes, device) if name == "rq" else build(size, codes, device, head=name)
+
+
+def bench_versus(plan, device, size, codes, batch, settings, names=VERSUS_MODELS):
+    """Row 8: sampling time of ResGen (MoG, tokens: T = plan.versus_steps passes) and the RQ-Transformer (L spatial +
+    L·D depth passes), same size, batch, CFG and codes; settings: code-set overrides, one model each, e.g.
+    [{"depth": 4}, {"depth": 16}]; every model of every setting timed interleaved in one process.
+    Returns {(name, i): summary} for settings[i]."""
+    models = {(name, i): build_versus(name, size, {**codes, **over}, device)
+              for i, over in enumerate(settings) for name in names}
+    times = interleaved({k: sampling_fn(m, batch, plan.versus_steps, device) for k, m in models.items()},
+                        plan.repeats, device)
+    return {k: summary(t) for k, t in times.items()}
 
 
 def bench_share(model, plan, device, split=True):
@@ -582,7 +622,8 @@ def machine():
             cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "resgen_py": file_hash(resgen.__file__)}  # the numbers belong to this version of the model code
+            "resgen_py": file_hash(resgen.__file__),  # the numbers belong to this version of the model code
+            "rqtransformer_py": file_hash(rqtransformer.__file__)}
 
 
 def describe(size, codes, batch, steps):
@@ -709,6 +750,41 @@ def row_max_batch(report, plan, device):
                f"{plan.bisect_tol:.0%}; {MAX_BATCH_STEPS} steps per try")
 
 
+def passes(name, codes, steps):
+    """Sequential passes per batch: ResGen's T, the RQ-Transformer's L + L·D."""
+    return f"{codes['length']} + {codes['length'] * codes['depth']}" if name == "rq" else f"{steps}"
+
+
+def row_versus(report, plan, device, size, codes, batch):
+    """Row 8 twice: over D = 4, 8, 16 at the codes' L, then over L (versus_lengths) at D = 4."""
+    where = device.type if device.type == "cpu" else f"bf16, {torch.cuda.get_device_name(device)}"
+    for axis, values in (("depth", DEPTHS), ("length", plan.versus_lengths)):
+        fixed = {"depth": 4} if axis == "length" else {}
+        settings = [{**fixed, axis: v} for v in values]
+        res = bench_versus(plan, device, size, codes, batch, settings)
+        for name in VERSUS_MODELS:
+            per = {v: res[name, i] for i, v in enumerate(values)}
+            growth = per[values[-1]]["best_s"] / per[values[0]]["best_s"]
+            report.record("versus", device=device.type, model=name, axis=axis, size=size, batch=batch,
+                          steps=plan.versus_steps if name != "rq" else None, **{**codes, **fixed},
+                          times={str(v): r for v, r in per.items()},
+                          passes={str(v): passes(name, {**codes, **fixed, axis: v}, plan.versus_steps) for v in values},
+                          growth=growth)
+        label = {"mog": "ResGen MoG", "tokens": "ResGen tokens", "rq": "RQ-Transformer"}
+        short = "D" if axis == "depth" else "L"
+        text = "; ".join(
+            f"{short}={v}: " + ", ".join(f"{label[n]} {res[n, i]['best_s'] / batch:.3f}" for n in VERSUS_MODELS)
+            + f" s/image (RQ/MoG {res['rq', i]['best_s'] / res['mog', i]['best_s']:.2f})" for i, v in enumerate(values))
+        text += "; growth " + ", ".join(
+            f"{label[n]} {res[n, len(values) - 1]['best_s'] / res[n, 0]['best_s']:.2f}x" for n in VERSUS_MODELS)
+        other = "D=4" if axis == "length" else f"L={codes['length']}"
+        report.row(8, f"ResGen vs RQ-Transformer over {short} (Table 2)",
+                   f"{size}, {other} V={codes['codebook_size']} c={codes['code_dim']}, B={batch} cfg={CFG_SCALE}; "
+                   f"ResGen T={plan.versus_steps}, RQ L + L·D passes; {where}", text,
+                   "D=16: MoG >= 2x faster than RQ; MoG D16/D4 <= 1.10" if axis == "depth" else "",
+                   f"best of {plan.repeats}, interleaved, random weights")
+
+
 def cpu_rows(report, plan, compile_):
     cpu = torch.device("cpu")
     for head in ("mog", "tokens"):
@@ -733,13 +809,16 @@ def cpu_rows(report, plan, compile_):
                 row_share_cpu(report, plan, codes, compiled=True)
     with report.guard(3, "training throughput"):
         row_train(report, plan, torch.device("cpu"), FMNIST_CODES, compile_)
+    with report.guard(8, "ResGen vs RQ-Transformer"):
+        row_versus(report, plan, cpu, plan.size, FMNIST_CODES, plan.batch)
 
 
 def cuda_rows(report, plan, compile_):
     if not torch.cuda.is_available():
         for number, name in ((2, "outside-transformer share, xl"), (3, "training throughput and MFU, xl"),
                              (4, "sampling throughput and MFU, xl"), (5, "max sampling batch, xl"),
-                             (6, "torch.compile effect on 3 and 4"), (7, "re-quantization, xl shapes")):
+                             (6, "torch.compile effect on 3 and 4"), (7, "re-quantization, xl shapes"),
+                             (8, "ResGen vs RQ-Transformer, xl")):
             report.row(number, name, "cuda", NO_CUDA)
         return
     device = torch.device("cuda")
@@ -757,6 +836,9 @@ def cuda_rows(report, plan, compile_):
     free(device)
     with report.guard(3, "training throughput, xl"):
         row_train(report, plan, device, IMAGENET_CODES, compile_)
+    free(device)
+    with report.guard(8, "ResGen vs RQ-Transformer, xl"):  # last: make bench-gpu's time limit cuts here first
+        row_versus(report, plan, device, plan.size, IMAGENET_CODES, plan.batch)
     free(device)
 
 
@@ -780,6 +862,8 @@ def main(argv=None):
     p.add_argument("--only", choices=["cpu", "cuda"], default=None, help="run only the CPU rows or the CUDA rows")
     p.add_argument("--compile", action="store_true", help="also time compiled training (torch.compile(model)) and "
                    "sampling (ResGen.compile_sampler)")
+    p.add_argument("--rows", choices=["all", "versus"], default="all",
+                   help="versus: only row 8, ResGen against the RQ-Transformer (the paper's Table 2 in small)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
     p.add_argument("--json-out", default="runs/bench.jsonl", help="one JSON line per measurement is appended here")
     args = p.parse_args(argv)
@@ -798,10 +882,23 @@ def main(argv=None):
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, {info['threads']} CPU threads, "
           f"GPU: {info['gpu'] or 'none'}", flush=True)
     t0 = time.time()
-    if args.only != "cuda":
-        cpu_rows(report, PLANS["cpu", args.quick], args.compile)
-    if args.only != "cpu":
-        cuda_rows(report, PLANS["cuda", args.quick], args.compile)
+    if args.rows == "versus":
+        if args.only != "cuda":
+            with report.guard(8, "ResGen vs RQ-Transformer"):
+                plan = PLANS["cpu", args.quick]
+                row_versus(report, plan, torch.device("cpu"), plan.size, FMNIST_CODES, plan.batch)
+        if args.only != "cpu":
+            if not torch.cuda.is_available():
+                report.row(8, "ResGen vs RQ-Transformer, xl", "cuda", NO_CUDA)
+            else:
+                with report.guard(8, "ResGen vs RQ-Transformer, xl"):
+                    plan = PLANS["cuda", args.quick]
+                    row_versus(report, plan, torch.device("cuda"), plan.size, IMAGENET_CODES, plan.batch)
+    else:
+        if args.only != "cuda":
+            cpu_rows(report, PLANS["cpu", args.quick], args.compile)
+        if args.only != "cpu":
+            cuda_rows(report, PLANS["cuda", args.quick], args.compile)
     report.print()
     print(f"({time.time() - t0:.0f} s; JSON lines appended to {args.json_out})")
     if report.failed:

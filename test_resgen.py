@@ -2406,6 +2406,41 @@ def test_cuda_sampler_never_syncs_and_is_reproducible(head, prompted):
         assert torch.equal(codes.cpu()[given], prompt[given])
 
 
+@needs_cuda
+@pytest.mark.parametrize("prompted", [False, True])
+def test_cuda_rq_sampler_never_syncs_and_matches_its_uncached_run(prompted):
+    """The RQ-Transformer's sampler on CUDA (bf16, both KV caches, CFG, top-k and top-p, with and without a prefix
+    prompt): after its first position nothing waits on the GPU (sync debug mode turns a synchronisation into an
+    error), the same seed gives the same codes, the prompt comes back unchanged, and the loss under bf16 autocast
+    agrees with the fp32 CPU loss."""
+    m = tiny_rq().to(GPU)
+    labels = torch.arange(6, device="cuda")
+    kw = dict(cfg=2.0, cfg_schedule="linear", top_k=8, top_p=0.9, temperature=0.8)
+    if prompted:
+        prompt, given = rq_prefix_prompt(6, 8, 3, 16, seed=2)
+        kw.update(prompt_codes=prompt.to(GPU), prompt_mask=given.to(GPU))
+
+    def strict_after_first_position(position, codes, masked):
+        if position == 1:
+            torch.cuda.set_sync_debug_mode("error")
+
+    try:
+        codes = m.generate(labels, generator=torch.Generator("cuda").manual_seed(0),
+                           callback=strict_after_first_position, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(codes, m.generate(labels, generator=torch.Generator("cuda").manual_seed(0), **kw))
+    assert codes.shape == (6, 8, 3) and int(codes.min()) >= 0 and int(codes.max()) < 16
+    if prompted:
+        assert torch.equal(codes.cpu()[given], prompt[given])
+    x = torch.randint(0, 16, (4, 8, 3), generator=torch.Generator().manual_seed(1))
+    y, drop = torch.arange(4), torch.zeros(4, dtype=torch.bool)
+    cpu_loss = m.cpu()(x, y, drop=drop)[0].item()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        cuda_loss = m.to(GPU)(x.to(GPU), y.to(GPU), drop=drop.to(GPU))[0].item()
+    assert abs(cuda_loss - cpu_loss) <= 0.05 * abs(cpu_loss) + 0.05
+
+
 @given(st.integers(1, 5000), st.integers(1, 9000), st.sampled_from([0.0, 1 / 32, 1 / 4]))
 @settings(max_examples=60, deadline=None)
 def test_max_batch_search_finds_the_boundary(first_fail, guess, tol):
@@ -2438,9 +2473,14 @@ def test_bench_quick_runs_every_row(tmp_path):
     p = run_cmd("bench.py", "--quick", "--threads", "1", "--json-out", str(out), timeout=300)
     rows = [json.loads(l) for l in out.read_text().splitlines()]
     kinds = {r["bench"] for r in rows}
-    assert {"depth", "share", "train"} <= kinds, kinds
+    assert {"depth", "share", "train", "versus"} <= kinds, kinds
     for r in rows:
         if r["bench"] == "depth":
             assert r["ratio_16_4"] > 0
+    # row 8: ResGen's two heads and the RQ-Transformer, over D and over L, each with its growth and passes
+    versus = {(r["model"], r["axis"]): r for r in rows if r["bench"] == "versus"}
+    assert set(versus) == {(m, a) for m in ("mog", "tokens", "rq") for a in ("depth", "length")}
+    assert versus["rq", "depth"]["passes"] == {"4": "64 + 256", "8": "64 + 512", "16": "64 + 1024"}
+    assert all(r["growth"] > 0 for r in versus.values())
     if not torch.cuda.is_available():
         assert "not measured (no CUDA)" in p.stdout
