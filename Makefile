@@ -7,6 +7,8 @@
 # make figures: the paper's Fig. 2 and Fig. 3 from the JSON lines in FIGURE_RESULTS, as PNGs in figures/
 # make bench-gpu: every GPU row of BENCHMARKS.md (xl, eager and compiled) in one run of at most 8 minutes
 # make depth: RESULTS.md section 8, RVQ depth 4 / 8 / 16: tokenizers, MoG and token heads, the T x w grid, Fig. 2
+# make table2: RESULTS.md section 9, the paper's Table 2 in small: ResGen (MoG, tokens) against the RQ-Transformer on
+#              the codes of make depth (D = 4 and 16), the same size and budget; FID, the fast metric, time, Fig. 2
 PY ?= python3
 RUNS ?= runs
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
@@ -15,7 +17,7 @@ FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 CLASSIFIER = test -f $(RUNS)/classifier.pt || $(PY) eval_fid.py train-classifier --data fashion_mnist --epochs 1 \
   --out $(RUNS)/classifier.pt --device
 
-.PHONY: setup setup-test demo test study prompted sweep figures bench-gpu depth clean
+.PHONY: setup setup-test demo test study prompted sweep figures bench-gpu depth table2 clean
 
 setup:
 	$(PY) -m pip install --quiet torch==2.13.0
@@ -200,11 +202,9 @@ DEPTH_DEVICE ?= cpu
 DEPTH_EVAL = --no-fid --n $(DEPTH_N) --ref train --ref-n $(DEPTH_REF_N) --classifier $(RUNS)/classifier.pt --batch-size 100 \
   --device $(DEPTH_DEVICE) --json-out $(DEPTH_OUT)/results.jsonl
 
-depth: setup
-	@set -e; mkdir -p $(DEPTH_OUT); \
-	$(CLASSIFIER) $(DEPTH_DEVICE); \
-	for D in $(DEPTHS); do d=$(DEPTH_OUT)/d$$D; \
-	  test -f $$d/reconstruct.txt || { \
+# make depth's tokenizer stages for one D (shell variables D and d = $(DEPTH_OUT)/d$$D), shared with make table2:
+# the tokenizer, its per-depth report, its reconstructions' fast metric, its codes; each skipped once done
+DEPTH_TOKENIZER = test -f $$d/reconstruct.txt || { \
 	    $(PY) tokenizer.py train --data fashion_mnist --out $$d/tokenizer --steps $(DEPTH_TOK_STEPS) --depth $$D \
 	      --commit-weight $(DEPTH_BETA) --device $(DEPTH_DEVICE); \
 	    $(PY) tokenizer.py reconstruct --ckpt $$d/tokenizer/last.pt --data fashion_mnist --split test --limit 2000 \
@@ -212,7 +212,13 @@ depth: setup
 	    $(PY) eval_fid.py --ckpt $$d/tokenizer/last.pt $(DEPTH_EVAL); }; \
 	  test -f $$d/codes/meta.json || \
 	    $(PY) tokenizer.py encode --ckpt $$d/tokenizer/last.pt --data fashion_mnist --split train --out $$d/codes \
-	      --device $(DEPTH_DEVICE); \
+	      --device $(DEPTH_DEVICE);
+
+depth: setup
+	@set -e; mkdir -p $(DEPTH_OUT); \
+	$(CLASSIFIER) $(DEPTH_DEVICE); \
+	for D in $(DEPTHS); do d=$(DEPTH_OUT)/d$$D; \
+	  $(DEPTH_TOKENIZER) \
 	  for h in mog tokens; do \
 	    test -f $$d/$$h.done || { \
 	      $(PY) train.py --data $$d/codes --model small --head $$h --out $$d/d$${D}_$$h --steps $(DEPTH_STEPS) \
@@ -225,6 +231,61 @@ depth: setup
 	for w in 1 $(DEPTH_CFG); do \
 	  $(PY) eval_fid.py plot $(DEPTH_OUT)/results.jsonl --metric fd_classifier,precision,class_acc --where cfg=$$w \
 	    --out $(DEPTH_OUT)/figures/w$$w; done
+
+# RESULTS.md section 9: the paper's Table 2 in small. Per D in TABLE2_DEPTHS, on the codes of make depth's tokenizer
+# (made here first if missing: $(DEPTH_OUT)/d$$D/codes, beta DEPTH_BETA, DEPTH_TOK_STEPS steps), each model of
+# TABLE2_MODELS trained TABLE2_STEPS steps at batch DEPTH_BATCH with cosine decay, the same size (rqtransformer.SIZES
+# matches ResGen's parameter count): mog and tokens (ResGen's heads) and rq (the RQ-Transformer), in
+# $(TABLE2_OUT)/d$$D_$$m. Then per model: at T = 16 (the RQ-Transformer ignores T), w = 1 and w = TABLE2_CFG, tau = 0.7,
+# an Inception FID with its floor, the fast metric, precision/recall, class accuracy, sampling seconds per image and
+# forward passes, N = TABLE2_N (results.jsonl); the fast metric at T = 4..32 for Fig. 2, N = TABLE2_FIG_N against
+# TABLE2_FIG_REF_N real images as in section 8 (fig2.jsonl; the RQ-Transformer: one point per w); a sample grid;
+# Fig. 2 per w in figures/w1 and w$(TABLE2_CFG).
+# A finished stage is skipped, a cut training run resumes. The 5-epoch budget (9,375 steps at batch 32) takes 3-4.5 h
+# per ResGen model on one CPU thread; one model or depth per process runs side by side:
+#   OMP_NUM_THREADS=1 make table2 TABLE2_DEPTHS=4 TABLE2_MODELS=rq &  ...  then make table2 (evaluates and draws)
+# A smoke run of every stage at tiny sizes (minutes):
+#   make table2 RUNS=/tmp/t2 DEPTH_TOK_STEPS=5 DEPTH_N=20 DEPTH_REF_N=20 TABLE2_SIZE=tiny TABLE2_STEPS=10 \
+#     TABLE2_N=20 TABLE2_FIG_N=20 TABLE2_FIG_REF_N=20
+TABLE2_DEPTHS ?= 4 16
+TABLE2_MODELS ?= mog tokens rq
+TABLE2_OUT ?= $(RUNS)/table2
+TABLE2_SIZE ?= small
+TABLE2_STEPS ?= 9375
+TABLE2_N ?= 2000
+TABLE2_FIG_N ?= 500
+TABLE2_FIG_REF_N ?= 10000
+TABLE2_CFG ?= 3
+TABLE2_DEVICE ?= cpu
+TABLE2_TRAIN = --model $(TABLE2_SIZE) --steps $(TABLE2_STEPS) --batch-size $(DEPTH_BATCH) --lr 1e-3 --warmup 100 \
+  --decay cosine --log-every 100 --ckpt-every 250 --device $(TABLE2_DEVICE)
+TABLE2_EVAL = --temperature 0.7 --classifier $(RUNS)/classifier.pt --batch-size 100 --device $(TABLE2_DEVICE)
+
+table2: setup
+	@set -e; mkdir -p $(TABLE2_OUT)/figures $(DEPTH_OUT); \
+	$(CLASSIFIER) $(TABLE2_DEVICE); \
+	for D in $(TABLE2_DEPTHS); do d=$(DEPTH_OUT)/d$$D; \
+	  $(DEPTH_TOKENIZER) \
+	  for m in $(TABLE2_MODELS); do r=$(TABLE2_OUT)/d$${D}_$$m; \
+	    case $$m in mog) f="";; tokens) f="--head tokens";; rq) f="--arch rqtransformer";; \
+	      *) echo "error: TABLE2_MODELS takes mog, tokens and rq, not $$m" >&2; exit 2;; esac; \
+	    test -f $$r/train.done || { \
+	      $(PY) train.py --data $$d/codes --out $$r $$f $(TABLE2_TRAIN); touch $$r/train.done; }; \
+	    test -f $$r/eval.done || { for w in 1 $(TABLE2_CFG); do \
+	      $(PY) eval_fid.py --ckpt $$r/last.pt --n $(TABLE2_N) --ref-n $(TABLE2_N) --steps 16 --cfg $$w $(TABLE2_EVAL) \
+	        --json-out $(TABLE2_OUT)/results.jsonl; done; touch $$r/eval.done; }; \
+	    test -f $$r/fig2.done || { for w in 1 $(TABLE2_CFG); do \
+	      for T in $$( [ $$m = rq ] && echo 16 || echo 4 8 16 32 ); do \
+	        $(PY) eval_fid.py --ckpt $$r/last.pt --no-fid --n $(TABLE2_FIG_N) --ref train --ref-n $(TABLE2_FIG_REF_N) \
+	          --steps $$T --cfg $$w $(TABLE2_EVAL) --json-out $(TABLE2_OUT)/fig2.jsonl; done; done; touch $$r/fig2.done; }; \
+	    test -f $(TABLE2_OUT)/figures/samples_d$${D}_$$m.png || \
+	      $(PY) sample.py --ckpt $$r/last.pt --n 20 --steps 16 --cfg $(TABLE2_CFG) --temperature 0.7 \
+	        --device $(TABLE2_DEVICE) --out $(TABLE2_OUT)/figures/samples_d$${D}_$$m.png; \
+	  done; done; \
+	$(PY) -m pip install --quiet matplotlib; \
+	for w in 1 $(TABLE2_CFG); do \
+	  $(PY) eval_fid.py plot $(TABLE2_OUT)/fig2.jsonl --metric fd_classifier,precision,class_acc --where cfg=$$w \
+	    --out $(TABLE2_OUT)/figures/w$$w; done
 
 test: setup-test
 	$(PY) -m pytest -q test_resgen.py
