@@ -78,7 +78,7 @@ class RQTransformerConfig:
 # Named sizes at ResGen's widths and heads (resgen.SIZES), with the blocks split between the two transformers about
 # as the authors split them (24 spatial to 4 depth blocks in their 821M ImageNet model) and their total chosen so
 # the parameter count matches ResGen's with its default MoG head on the Fashion-MNIST codes (L = 64, V = 256, c = 16)
-# within 10%: small 4.96M / 5.55M at D = 4 / 16 against ResGen's 5.16M; base 0.99x, large and xl 0.98-0.99x.
+# within 10%: small 4.96M / 5.55M at D = 4 / 16 against ResGen's 5.16M; base 0.96-0.97x, large and xl 0.98-0.99x.
 # The output layer has D·V·C weights, as ResGen's token head: on wide codebooks (V = 4096, D = 16) it adds what the
 # token head adds (xl: 653M, like ResGen-xl with the token head; 591M with the MoG head).
 SIZES = {
