@@ -334,9 +334,7 @@ def main(argv=None):
     t0 = time.time()
     settings = sampler_settings(model, kwargs)
     if prompted:
-        kept = prompt_mask(grid, D, args.inpaint, args.keep_depth)  # bad flags fail before any data is read
-        if arch_of(model) == ARCH:
-            model.check_prompt(kept.unsqueeze(0))
+        prompt_mask(grid, D, args.inpaint, args.keep_depth)  # bad flags fail before any data is read
         data = args.data or model.meta.get("data")
         if not data:
             raise UserError(f"--inpaint / --keep-depth prompt with real items: {args.ckpt} names no data, pass --data")

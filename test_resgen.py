@@ -2230,15 +2230,16 @@ def test_rq_bad_input_one_clear_line():
 
 def test_rq_sizes_match_resgen_parameter_counts():
     """The registry's claim: at every size the RQ-Transformer's parameters are within 10% of ResGen's with its
-    default head on the Fashion-MNIST codes (L = 64, V = 256, c = 16) at D = 4 and 16."""
+    default head, on the Fashion-MNIST codes (L = 64, V = 256, c = 16) at D = 4 and 16 and on ImageNet-like codes
+    (V = 4096, D = 16)."""
     import rqtransformer
     for size in ("small", "base", "large", "xl"):
-        for D in (4, 16):
-            codes = dict(length=64, depth=D, codebook_size=256, code_dim=16, num_classes=10)
+        for D, V, classes in ((4, 256, 10), (16, 256, 10), (16, 4096, 1000)):
+            codes = dict(length=64, depth=D, codebook_size=V, code_dim=16, num_classes=classes)
             with torch.device("meta"):
-                ours = rqtransformer.RQTransformer(rqtransformer.make_config(size, **codes), torch.zeros(D, 256, 16))
-                theirs = resgen.ResGen(resgen.make_config(size, **codes), torch.zeros(D, 256, 16))
-            assert 0.9 < ours.num_params() / theirs.num_params() < 1.1, (size, D)
+                ours = rqtransformer.RQTransformer(rqtransformer.make_config(size, **codes), torch.zeros(D, V, 16))
+                theirs = resgen.ResGen(resgen.make_config(size, **codes), torch.zeros(D, V, 16))
+            assert 0.9 < ours.num_params() / theirs.num_params() < 1.1, (size, D, V)
 
 
 def test_rq_train_resume_sample_and_continue(tmp_path):
