@@ -1047,7 +1047,7 @@ def plot_figure(plt, rows, x, metric, path, x_label, log_x, figure_name):
             for v in xs:
                 row = points[v]
                 note = f"T={row['sampler']['steps']}" if "steps" in row["sampler"] else \
-                    sample.passes_text(row.get("forward_passes") or {})
+                    "AR " + "+".join(str(n) for n in (row.get("forward_passes") or {}).values())  # L + L·D steps
                 ax.annotate(note, (v, row[metric]), fontsize=7, textcoords="offset points", xytext=(3, 3))
     y_label, real_key = METRICS[metric]
     floors = sorted({(r.get(real_key), r["n"]) for p in lines.values() for r in p.values()
