@@ -6,9 +6,10 @@
 # make sweep: the sampler grids of RESULTS.md sections 3 and 4 with the fast metric (--no-fid) for SWEEP_CKPTS
 # make figures: the paper's Fig. 2 and Fig. 3 from the JSON lines in FIGURE_RESULTS, as PNGs in figures/
 # make bench-gpu: every GPU row of BENCHMARKS.md (xl, eager and compiled) in one run of at most 8 minutes
-# make depth: RESULTS.md section 8, RVQ depth 4 / 8 / 16: tokenizers, MoG and token heads, the T x w grid, Fig. 2
-# make table2: RESULTS.md section 9, the paper's Table 2 in small: ResGen (MoG, tokens) against the RQ-Transformer on
-#              the codes of make depth (D = 4 and 16), the same size and budget; FID, the fast metric, time, Fig. 2
+# make depth: RESULTS.md section 11, RVQ depth 4 / 16 at 5 epochs: tokenizers, MoG and token heads, FID, the fast
+#             metric over T x w, the coarse-depth probe, Fig. 2 (section 8's shorter study with other settings)
+# make table2: RESULTS.md section 10, the paper's Table 2 in small: make depth with the RQ-Transformer beside ResGen's
+#              heads (same codes, size and budget), and the sampling-time bench row
 PY ?= python3
 RUNS ?= runs
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
@@ -180,30 +181,49 @@ figures:
 	$(PY) -m pip install --quiet matplotlib
 	$(PY) eval_fid.py plot $(FIGURE_RESULTS) --metric $(FIGURE_METRICS) --out $(FIGURE_DIR)
 
-# RESULTS.md section 8: the same study at each RVQ depth in DEPTHS. Per D, in $(DEPTH_OUT)/d$$D: a tokenizer
-# (DEPTH_TOK_STEPS steps, commitment DEPTH_BETA; its per-depth PSNR report in reconstruct.txt), its codes, the MoG
-# and token heads trained DEPTH_STEPS steps each (d$$D_mog/, d$$D_tokens/), then the fast metric (classifier-space distance,
-# precision/recall, class accuracy; N = DEPTH_N) of the reconstructions and of samples at T = 4..32 with w = 1 and
-# DEPTH_CFG, one JSON line each in $(DEPTH_OUT)/results.jsonl, drawn as the paper's Fig. 2 (metric against
-# sampling seconds per image, a line per model; one folder per guidance scale) in $(DEPTH_OUT)/figures/w1 and
-# w$(DEPTH_CFG). A finished stage is not run again.
-# On the 2-core CPU, one thread: a tokenizer about 15 minutes, its codes 2-5; the generator stages of the three
-# depths took 2 hours as two processes side by side (DEPTHS=4 and DEPTHS="16 8"). On a GPU: make depth DEPTH_DEVICE=cuda DEPTH_STEPS=20000 ...
-DEPTHS ?= 4 8 16
+# RESULTS.md sections 10 and 11: the RVQ-depth study at 5 epochs and the paper's Table 2 in small. Per D in DEPTHS,
+# in $(DEPTH_OUT)/d$$D: a tokenizer (DEPTH_TOK_STEPS steps, commitment DEPTH_BETA; its per-depth PSNR report in
+# reconstruct.txt) and its codes; then per model m in DEPTH_MODELS (mog and tokens: ResGen's two heads; rq: the
+# RQ-Transformer, the same size by rqtransformer.SIZES), in d$$D_$$m/:
+#   training: DEPTH_STEPS steps at batch DEPTH_BATCH, lr 1e-3, warm-up 100, DEPTH_DECAY decay; with DEPTH_TIME the run
+#     stops after that many seconds with a checkpoint and the target ends there: rerun it to continue (as after a kill);
+#   an Inception FID with its floor, and the fast metric on the same samples, at T in DEPTH_FID_STEPS, w = 1 and
+#     DEPTH_CFG, N = DEPTH_FID_N against as many real images (DEPTH_FID_N=0: none);
+#   the fast metric (classifier-space distance, precision/recall, class accuracy) at T = 4, 8, 16, 32, w = 1 and
+#     DEPTH_CFG, N = DEPTH_N against DEPTH_REF_N real images; the RQ-Transformer has no T: one row per w;
+#   keep depth 1 of N = DEPTH_N real test images and generate the rest (ResGen only: the coarse-depth probe of 8.2);
+#   a sample grid, figures/samples_d$$D_$$m.png;
+# every row one JSON line in $(DEPTH_OUT)/results.jsonl; then the paper's Fig. 2 (metric against sampling seconds per
+# image, a line per model over T) per guidance scale in $(DEPTH_OUT)/figures/w1 and w$(DEPTH_CFG). A finished stage is
+# not run again, a cut training run resumes.
+# On the 2-core CPU, one thread per process: a tokenizer about 15 minutes, its codes 2-5; a ResGen model 3-4.5 hours,
+# the RQ-Transformer about 4 (D = 4) and 12 (D = 16) hours; an Inception row 15-25 minutes. One model or depth per process:
+#   OMP_NUM_THREADS=1 make depth DEPTHS=4 DEPTH_MODELS=mog &  OMP_NUM_THREADS=1 make depth DEPTHS=4 DEPTH_MODELS=tokens &
+# The 0.64-epoch study of RESULTS.md section 8: make depth DEPTHS="4 8 16" DEPTH_STEPS=1200 DEPTH_DECAY=constant DEPTH_FID_N=0
+# On a GPU: make depth DEPTH_DEVICE=cuda DEPTH_STEPS=50000 DEPTH_N=10000 DEPTH_FID_N=10000 ...
+DEPTHS ?= 4 16
+DEPTH_MODELS ?= mog tokens
 DEPTH_OUT ?= $(RUNS)/depth
 DEPTH_TOK_STEPS ?= 600
 DEPTH_BETA ?= 0.05
-DEPTH_STEPS ?= 1200
+DEPTH_STEPS ?= 9375
 DEPTH_BATCH ?= 32
-DEPTH_N ?= 500
+DEPTH_DECAY ?= cosine
+DEPTH_TIME ?=
+DEPTH_N ?= 1000
 DEPTH_REF_N ?= 10000
+DEPTH_FID_N ?= 2000
+DEPTH_FID_STEPS ?= 8 16
 DEPTH_CFG ?= 3
 DEPTH_DEVICE ?= cpu
-DEPTH_EVAL = --no-fid --n $(DEPTH_N) --ref train --ref-n $(DEPTH_REF_N) --classifier $(RUNS)/classifier.pt --batch-size 100 \
-  --device $(DEPTH_DEVICE) --json-out $(DEPTH_OUT)/results.jsonl
+DEPTH_TRAIN = --model small --steps $(DEPTH_STEPS) --batch-size $(DEPTH_BATCH) --lr 1e-3 --warmup 100 --decay $(DEPTH_DECAY) \
+  --log-every 100 --ckpt-every 250 --device $(DEPTH_DEVICE) $(if $(DEPTH_TIME),--time-limit $(DEPTH_TIME))
+DEPTH_SAMPLER = --temperature 0.7 --classifier $(RUNS)/classifier.pt --batch-size 100 --device $(DEPTH_DEVICE) \
+  --json-out $(DEPTH_OUT)/results.jsonl
+DEPTH_EVAL = --no-fid --n $(DEPTH_N) --ref train --ref-n $(DEPTH_REF_N) $(DEPTH_SAMPLER)
 
-# make depth's tokenizer stages for one D (shell variables D and d = $(DEPTH_OUT)/d$$D), shared with make table2:
-# the tokenizer, its per-depth report, its reconstructions' fast metric, its codes; each skipped once done
+# make depth's tokenizer stages for one D (shell variables D and d = $(DEPTH_OUT)/d$$D): the tokenizer, its per-depth
+# report, its reconstructions' fast metric, its codes; each skipped once done
 DEPTH_TOKENIZER = test -f $$d/reconstruct.txt || { \
 	    $(PY) tokenizer.py train --data fashion_mnist --out $$d/tokenizer --steps $(DEPTH_TOK_STEPS) --depth $$D \
 	      --commit-weight $(DEPTH_BETA) --device $(DEPTH_DEVICE); \
@@ -215,77 +235,42 @@ DEPTH_TOKENIZER = test -f $$d/reconstruct.txt || { \
 	      --device $(DEPTH_DEVICE);
 
 depth: setup
-	@set -e; mkdir -p $(DEPTH_OUT); \
+	@set -e; mkdir -p $(DEPTH_OUT)/figures; \
 	$(CLASSIFIER) $(DEPTH_DEVICE); \
 	for D in $(DEPTHS); do d=$(DEPTH_OUT)/d$$D; \
 	  $(DEPTH_TOKENIZER) \
-	  for h in mog tokens; do \
-	    test -f $$d/$$h.done || { \
-	      $(PY) train.py --data $$d/codes --model small --head $$h --out $$d/d$${D}_$$h --steps $(DEPTH_STEPS) \
-	        --batch-size $(DEPTH_BATCH) --lr 1e-3 --warmup 100 --log-every 200 --ckpt-every 500 --device $(DEPTH_DEVICE); \
-	      for w in 1 $(DEPTH_CFG); do for T in 4 8 16 32; do \
-	        $(PY) eval_fid.py --ckpt $$d/d$${D}_$$h/last.pt $(DEPTH_EVAL) --steps $$T --cfg $$w --temperature 0.7; \
-	      done; done; touch $$d/$$h.done; }; \
+	  for m in $(DEPTH_MODELS); do r=$$d/d$${D}_$$m; T_ALL="4 8 16 32"; T_FID="$(DEPTH_FID_STEPS)"; \
+	    case $$m in mog) f="";; tokens) f="--head tokens";; rq) f="--arch rqtransformer"; T_ALL=16; T_FID=16;; \
+	      *) echo "error: DEPTH_MODELS takes mog, tokens and rq, not $$m" >&2; exit 2;; esac; \
+	    test -f $$r/train.done || { \
+	      $(PY) train.py --data $$d/codes --out $$r $$f $(DEPTH_TRAIN); \
+	      tail -n 1 $$r/log.jsonl | grep -q '"step": $(DEPTH_STEPS),' || { \
+	        echo "$$r stopped before step $(DEPTH_STEPS) (DEPTH_TIME); rerun make depth to continue"; exit 0; }; \
+	      touch $$r/train.done; }; \
+	    test "$(DEPTH_FID_N)" = 0 || test -f $$r/fid.done || { for w in 1 $(DEPTH_CFG); do for T in $$T_FID; do \
+	      $(PY) eval_fid.py --ckpt $$r/last.pt --n $(DEPTH_FID_N) --ref-n $(DEPTH_FID_N) --steps $$T --cfg $$w \
+	        $(DEPTH_SAMPLER); done; done; touch $$r/fid.done; }; \
+	    test -f $$r/fast.done || { for w in 1 $(DEPTH_CFG); do for T in $$T_ALL; do \
+	      $(PY) eval_fid.py --ckpt $$r/last.pt $(DEPTH_EVAL) --steps $$T --cfg $$w; done; done; touch $$r/fast.done; }; \
+	    test $$m = rq || test -f $$r/keep.done || { \
+	      $(PY) eval_fid.py --ckpt $$r/last.pt $(DEPTH_EVAL) --steps 16 --cfg $(DEPTH_CFG) --keep-depth 1; \
+	      touch $$r/keep.done; }; \
+	    test -f $(DEPTH_OUT)/figures/samples_d$${D}_$$m.png || \
+	      $(PY) sample.py --ckpt $$r/last.pt --n 100 --steps 16 --cfg $(DEPTH_CFG) --temperature 0.7 \
+	        --device $(DEPTH_DEVICE) --out $(DEPTH_OUT)/figures/samples_d$${D}_$$m.png; \
 	  done; done; \
 	$(PY) -m pip install --quiet matplotlib; \
 	for w in 1 $(DEPTH_CFG); do \
-	  $(PY) eval_fid.py plot $(DEPTH_OUT)/results.jsonl --metric fd_classifier,precision,class_acc --where cfg=$$w \
+	  $(PY) eval_fid.py plot $(DEPTH_OUT)/results.jsonl --metric fid,fd_classifier,precision,class_acc --where cfg=$$w \
 	    --out $(DEPTH_OUT)/figures/w$$w; done
 
-# RESULTS.md section 9: the paper's Table 2 in small. Per D in TABLE2_DEPTHS, on the codes of make depth's tokenizer
-# (made here first if missing: $(DEPTH_OUT)/d$$D/codes, beta DEPTH_BETA, DEPTH_TOK_STEPS steps), each model of
-# TABLE2_MODELS trained TABLE2_STEPS steps at batch DEPTH_BATCH with cosine decay, the same size (rqtransformer.SIZES
-# matches ResGen's parameter count): mog and tokens (ResGen's heads) and rq (the RQ-Transformer), in
-# $(TABLE2_OUT)/d$$D_$$m. Then per model: at T = 16 (the RQ-Transformer ignores T), w = 1 and w = TABLE2_CFG, tau = 0.7,
-# an Inception FID with its floor, the fast metric, precision/recall, class accuracy, sampling seconds per image and
-# forward passes, N = TABLE2_N (results.jsonl); the fast metric at T = 4..32 for Fig. 2, N = TABLE2_FIG_N against
-# TABLE2_FIG_REF_N real images as in section 8 (fig2.jsonl; the RQ-Transformer: one point per w); a sample grid;
-# Fig. 2 per w in figures/w1 and w$(TABLE2_CFG).
-# A finished stage is skipped, a cut training run resumes. The 5-epoch budget (9,375 steps at batch 32) takes 3-4.5 h
-# per ResGen model on one CPU thread; one model or depth per process runs side by side:
-#   OMP_NUM_THREADS=1 make table2 TABLE2_DEPTHS=4 TABLE2_MODELS=rq &  ...  then make table2 (evaluates and draws)
-# A smoke run of every stage at tiny sizes (minutes):
-#   make table2 RUNS=/tmp/t2 DEPTH_TOK_STEPS=5 DEPTH_N=20 DEPTH_REF_N=20 TABLE2_SIZE=tiny TABLE2_STEPS=10 \
-#     TABLE2_N=20 TABLE2_FIG_N=20 TABLE2_FIG_REF_N=20
-TABLE2_DEPTHS ?= 4 16
-TABLE2_MODELS ?= mog tokens rq
-TABLE2_OUT ?= $(RUNS)/table2
-TABLE2_SIZE ?= small
-TABLE2_STEPS ?= 9375
-TABLE2_N ?= 2000
-TABLE2_FIG_N ?= 500
-TABLE2_FIG_REF_N ?= 10000
-TABLE2_CFG ?= 3
-TABLE2_DEVICE ?= cpu
-TABLE2_TRAIN = --model $(TABLE2_SIZE) --steps $(TABLE2_STEPS) --batch-size $(DEPTH_BATCH) --lr 1e-3 --warmup 100 \
-  --decay cosine --log-every 100 --ckpt-every 250 --device $(TABLE2_DEVICE)
-TABLE2_EVAL = --temperature 0.7 --classifier $(RUNS)/classifier.pt --batch-size 100 --device $(TABLE2_DEVICE)
-
+# RESULTS.md section 10, the paper's Table 2 in small: make depth with the RQ-Transformer beside ResGen's two heads
+# (the same codes, size and budget; one model per process as above), then the sampling-time row of BENCHMARKS.md
+# section 9 (ResGen and the RQ-Transformer over D = 4, 8, 16 and L = 16, 64, 144, timed interleaved in one process)
 table2: setup
-	@set -e; mkdir -p $(TABLE2_OUT)/figures $(DEPTH_OUT); \
-	$(CLASSIFIER) $(TABLE2_DEVICE); \
-	for D in $(TABLE2_DEPTHS); do d=$(DEPTH_OUT)/d$$D; \
-	  $(DEPTH_TOKENIZER) \
-	  for m in $(TABLE2_MODELS); do r=$(TABLE2_OUT)/d$${D}_$$m; \
-	    case $$m in mog) f="";; tokens) f="--head tokens";; rq) f="--arch rqtransformer";; \
-	      *) echo "error: TABLE2_MODELS takes mog, tokens and rq, not $$m" >&2; exit 2;; esac; \
-	    test -f $$r/train.done || { \
-	      $(PY) train.py --data $$d/codes --out $$r $$f $(TABLE2_TRAIN); touch $$r/train.done; }; \
-	    test -f $$r/eval.done || { for w in 1 $(TABLE2_CFG); do \
-	      $(PY) eval_fid.py --ckpt $$r/last.pt --n $(TABLE2_N) --ref-n $(TABLE2_N) --steps 16 --cfg $$w $(TABLE2_EVAL) \
-	        --json-out $(TABLE2_OUT)/results.jsonl; done; touch $$r/eval.done; }; \
-	    test -f $$r/fig2.done || { for w in 1 $(TABLE2_CFG); do \
-	      for T in $$( [ $$m = rq ] && echo 16 || echo 4 8 16 32 ); do \
-	        $(PY) eval_fid.py --ckpt $$r/last.pt --no-fid --n $(TABLE2_FIG_N) --ref train --ref-n $(TABLE2_FIG_REF_N) \
-	          --steps $$T --cfg $$w $(TABLE2_EVAL) --json-out $(TABLE2_OUT)/fig2.jsonl; done; done; touch $$r/fig2.done; }; \
-	    test -f $(TABLE2_OUT)/figures/samples_d$${D}_$$m.png || \
-	      $(PY) sample.py --ckpt $$r/last.pt --n 20 --steps 16 --cfg $(TABLE2_CFG) --temperature 0.7 \
-	        --device $(TABLE2_DEVICE) --out $(TABLE2_OUT)/figures/samples_d$${D}_$$m.png; \
-	  done; done; \
-	$(PY) -m pip install --quiet matplotlib; \
-	for w in 1 $(TABLE2_CFG); do \
-	  $(PY) eval_fid.py plot $(TABLE2_OUT)/fig2.jsonl --metric fd_classifier,precision,class_acc --where cfg=$$w \
-	    --out $(TABLE2_OUT)/figures/w$$w; done
+	$(MAKE) depth DEPTH_MODELS="mog tokens rq"
+	test -f $(DEPTH_OUT)/bench_versus.jsonl || $(PY) bench.py --only cpu --rows versus --threads 1 \
+	  --json-out $(DEPTH_OUT)/bench_versus.jsonl
 
 test: setup-test
 	$(PY) -m pytest -q test_resgen.py

@@ -51,7 +51,7 @@ def add_sampler_args(p):
     p.add_argument("--cfg-schedule", default=d["cfg_schedule"], choices=["constant", "linear"],
                    help="w constant, or rising linearly with the revealed fraction")
     p.add_argument("--top-p", type=float, default=d["top_p"], help="nucleus over mixture components, in (0, 1]")
-    p.add_argument("--temperature", type=float, default=d["temperature"], help="tau: z = b + e^s (mu_k + tau * eps) (MoG); softmax temperature (tokens)")
+    p.add_argument("--temperature", type=float, default=d["temperature"], help="tau: z = e(v; p) + b + e^s (delta_k + tau * eps) (MoG); softmax temperature (tokens)")
     p.add_argument("--choice-temperature", type=float, default=d["choice_temperature"],
                    help="Gumbel noise on the confidences, annealed to 0 over the steps (ResGen)")
     p.add_argument("--top-k", type=int, default=d["top_k"], help="RQ-Transformer: keep the k most likely codes (0 = all)")
