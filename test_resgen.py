@@ -691,6 +691,57 @@ def test_mog_head_keeps_jointly_dependent_depths_consistent(head):
         assert valid < 0.4, valid
 
 
+FINE_V, FINE_ALLOWED, FINE_STEPS = 16, 3, 300
+
+
+def fine_task_tables(D=3, c=4, seed=123):
+    """A synthetic RVQ with stochastic fine depths: codebooks shrinking ×0.3 per depth (D, V, c), and for each depth
+    j ≥ 1 and code v of depth j − 1 the FINE_ALLOWED codes that may follow it (D, V, FINE_ALLOWED)."""
+    g = torch.Generator().manual_seed(seed)
+    codebooks = torch.randn(D, FINE_V, c, generator=g) * (0.3 ** torch.arange(D, dtype=torch.float32))[:, None, None]
+    allowed = torch.stack([torch.stack([torch.randperm(FINE_V, generator=g)[:FINE_ALLOWED] for _ in range(FINE_V)])
+                           for _ in range(D)])
+    return codebooks, allowed
+
+
+def fine_task(n, L, allowed, generator):
+    """Codes (n, L, D): depth 1 uniform, each deeper code uniform among the codes allowed after the one above."""
+    x = [torch.randint(0, FINE_V, (n, L), generator=generator)]
+    for j in range(1, allowed.shape[0]):
+        x.append(allowed[j][x[-1], torch.randint(0, FINE_ALLOWED, (n, L), generator=generator)])
+    return torch.stack(x, -1)
+
+
+def test_mog_head_emits_valid_finest_codes_as_often_as_the_token_head():
+    """Stochastic fine depths (fine_task: each code one of FINE_ALLOWED = 3 of 16 allowed by the code above, so a head
+    that ignores depth D − 1 is right 3/16 of the time): both heads trained alike, then teacher-forced through the
+    prompt API (real depths 1..D − 1 given, the finest generated at T = 1). The MoG head's components on the codebook
+    and its weighted classification term must emit an allowed finest code at least as often as the token head's
+    softmax does (RESULTS.md §9.1 has the table for the earlier heads)."""
+    codebooks, allowed = fine_task_tables()
+    D, L = codebooks.shape[0], 4
+    real = fine_task(500, L, allowed, torch.Generator().manual_seed(5))
+    given = torch.ones(500, L, D, dtype=torch.bool)
+    given[..., -1] = False
+    rates = {}
+    for head in ("tokens", "mog"):
+        torch.manual_seed(0)
+        cfg = resgen.make_config("tiny", length=L, depth=D, codebook_size=FINE_V, code_dim=4, num_classes=1, head=head)
+        m = resgen.ResGen(cfg, codebooks).train()
+        opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(FINE_STEPS):
+            loss, _ = m(fine_task(64, L, allowed, g), torch.zeros(64, dtype=torch.long))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        out = m.generate(torch.zeros(500, dtype=torch.long), steps=1, prompt_codes=real, prompt_mask=given,
+                         generator=torch.Generator().manual_seed(1))
+        assert torch.equal(out[..., :-1], real[..., :-1])
+        rates[head] = (allowed[-1][out[..., -2]] == out[..., -1:]).any(-1).float().mean().item()
+    assert rates["mog"] >= rates["tokens"] > FINE_ALLOWED / FINE_V + 0.2, rates
+
+
 #################################################################################
 #                                     Sampler                                   #
 #################################################################################
