@@ -151,8 +151,8 @@ class ResGenConfig:
     head_layers: int = 2         # gated-MLP blocks in the MoG head before its projections
     offset_rank: int = -1        # r: per-component offsets as r-vectors lifted by c×r matrices; 0 = full; -1 = auto
     classification_weight: float = -1.0  # λ on the MoG head's classification term; -1 = c (RESULTS.md §9)
-    label_smoothing: float = 0.01  # on the responsibilities q of the MoG head's Jensen split
-    log_scale_min: float = -7.0  # floor of the MoG head's log-scale s: a discrete target lets σ collapse to 0
+    label_smoothing: float = 0.0   # on the responsibilities q of the MoG head's Jensen split (0.01 blurs joint depths)
+    log_scale_min: float = -4.0  # floor of the MoG head's log-scale s (the authors' e^−4): a discrete target lets σ → 0
     head: str = "mog"            # "mog" (the paper) or "tokens" (predict tokens directly, the ablation)
     mlp_ratio: float = 4.0       # MLP hidden width = mlp_ratio·C, as in DiT
     dropout: float = 0.0         # dropout in attention and MLP (DiT uses none)

@@ -671,8 +671,9 @@ JOINT_CODEBOOKS = torch.tensor([[[2.0, 2.0], [2.0, -2.0], [-2.0, 2.0], [-2.0, -2
 @pytest.mark.parametrize("head", ["mog", "tokens"])
 def test_mog_head_keeps_jointly_dependent_depths_consistent(head):
     """PAPER.md's claim for the cumulative embedding: with both depths of every position revealed in ONE step
-    (T = 1), the MoG head emits valid (depth 1, depth 2) pairs (RESULTS.md §5.1: 82-98% at τ = 1, by label
-    smoothing), the per-depth token head cannot (at most about 1 in 4)."""
+    (T = 1), the default MoG head emits valid (depth 1, depth 2) pairs at least 85% of the time (RESULTS.md §9.1:
+    100% for seeds 0-2 at τ = 1; label smoothing 0.01 takes it to 84%), the per-depth token head cannot (at most
+    about 1 in 4)."""
     torch.manual_seed(0)
     cfg = resgen.make_config("tiny", length=4, depth=2, codebook_size=4, code_dim=2, num_classes=1, head=head)
     m = resgen.ResGen(cfg, JOINT_CODEBOOKS).train()
@@ -686,12 +687,12 @@ def test_mog_head_keeps_jointly_dependent_depths_consistent(head):
     out = m.generate(torch.zeros(500, dtype=torch.long), steps=1, generator=torch.Generator().manual_seed(1))
     valid = (JOINT_PAIR[out[..., 0]] == out[..., 1]).float().mean().item()
     if head == "mog":
-        assert valid > 0.75, valid
+        assert valid >= 0.85, valid
     else:
         assert valid < 0.4, valid
 
 
-FINE_V, FINE_ALLOWED, FINE_STEPS = 16, 3, 300
+FINE_V, FINE_ALLOWED, FINE_STEPS = 16, 3, 600
 
 
 def fine_task_tables(D=3, c=4, seed=123):
@@ -717,7 +718,7 @@ def test_mog_head_emits_valid_finest_codes_as_often_as_the_token_head():
     that ignores depth D − 1 is right 3/16 of the time): both heads trained alike, then teacher-forced through the
     prompt API (real depths 1..D − 1 given, the finest generated at T = 1). The MoG head's components on the codebook
     and its weighted classification term must emit an allowed finest code at least as often as the token head's
-    softmax does (RESULTS.md §9.1 has the table for the earlier heads)."""
+    softmax does (RESULTS.md §9.1: 0.84-0.86 against 0.78-0.81 over seeds 0-2; the table has the variants)."""
     codebooks, allowed = fine_task_tables()
     D, L = codebooks.shape[0], 4
     real = fine_task(500, L, allowed, torch.Generator().manual_seed(5))
