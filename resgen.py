@@ -328,13 +328,11 @@ def requantize_rows(r, start, codebooks, log_scale):
 #################################################################################
 #                     Output heads (each owns loss and sampling)                #
 #################################################################################
-# The MoG head takes from the authors' public code for a related RVQ model (NVIDIA-NeMo/NeMo,
-# speechlm2/modules/ear_tts_model.py: MoGHead and the TTS model's _compute_losses / generate_step): per
-# position ONE shift b and ONE log-scale s shared by many unit-Gaussian components, low rank for a wide latent,
-# and the Jensen split trained with the component likelihoods as responsibilities. It departs from it in two
-# ways this project measured (RESULTS.md §9): the components sit on the codebook of the first masked depth
-# (free means spread over the continuous residual instead of onto the codes the re-quantiser must hit), and
-# the classification term is weighted by λ = c (unweighted, the regression drowns it).
+# The MoG head takes from the authors' public code for a related RVQ model (NVIDIA-NeMo/NeMo, speechlm2/modules/
+# ear_tts_model.py): ONE shift b and ONE log-scale s per position shared by unit-Gaussian components, low rank for
+# a wide latent, the Jensen split with the component likelihoods as responsibilities. It departs in two ways
+# measured in RESULTS.md §9: components on the codebook of the first masked depth, and λ = c on the
+# classification term.
 
 def mog_component_log_likelihood(means, shift, log_scale, z):
     """log N(z; b + e^s·μ_k, e^{2s} I) for every component k (PAPER.md §4: mixture of Gaussians with one affine
@@ -428,11 +426,9 @@ class MoGHead(nn.Module):
 
         component (v, m) = N(e(v; p_i) + b + e^s·δ_vm,  e^{2s} I),    π = softmax over the K components
 
-    The codebook row e(v; p_i) puts component v where the re-quantiser must land to emit code v at depth p_i; b
-    and σ = e^s carry what the deeper masked depths add, and δ_vm (c, or r lifted by a learned c×r matrix when
-    offset_rank r > 0; zero at initialisation) moves a component off its code, so the deeper depths' sum may
-    depend on v (and with M > 1 take several values per code). π is then a distribution over depth p_i's codes,
-    a real model probability of the next token, as the token head's softmax is.
+    e(v; p_i) puts component v where the re-quantiser emits code v at depth p_i; b and σ = e^s carry the deeper
+    masked depths, and δ_vm (c, or r lifted by a c×r matrix when offset_rank r > 0; zero at initialisation) lets
+    their sum depend on v. π is a distribution over depth p_i's codes, as the token head's softmax is.
     """
 
     def __init__(self, config):
@@ -515,13 +511,10 @@ class MoGHead(nn.Module):
         """λ·classification + regression, the Jensen split of the mixture NLL of z_i with its classification term
         weighted by λ = classification_weight, averaged over positions with k_i > 0, in nats per latent dimension.
 
-        λ = 1 is the paper's bound on the NLL. λ = c (the default) weighs the one K-way choice of a position like
-        the c dimensions of its regression: unweighted, the regression (whose likelihood keeps growing as σ
-        shrinks on a target made of discrete code vectors) sets what the shared features learn, and π, the part
-        that picks the code, is drowned (RESULTS.md §9). count: divide the sum by this instead of this batch's own
-        count (train.py: a share of the global batch). Stats: the exact NLL (the split at λ = 1 bounds it),
-        the classification term, how often π's most likely code is the first masked depth's true code, how
-        many components are in use (perplexity of the mean q and of the mean π), and the mean log-scale."""
+        λ = 1 is the paper's bound on the NLL; λ = c (the default) weighs a position's one K-way choice like the
+        c dimensions of its regression, which otherwise drowns it (RESULTS.md §9). count: divide the sum by this
+        instead of this batch's count (train.py: a share of the global batch). Stats: the exact NLL, the
+        classification term, π's code accuracy at depth p_i, q and π perplexities, the mean log-scale."""
         D = mask.shape[-1]
         start = D - mask.sum(-1)  # (B, L): p_i, the first masked depth
         logits = self.logits(f).float()  # (B, L, K)
@@ -665,11 +658,9 @@ class ResGen(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def compile_sampler(self):
-        """torch.compile the sampler's two heavy parts: the transformer pass (backbone) and the MoG head's
-        re-quantiser. On CUDA in "reduce-overhead" mode, so each compiled part replays as a CUDA graph (the
-        shapes are the same at every step; one graph per batch size). forward() calls the same self.backbone: call
-        this on a model used to sample, not on one still training. Eager stays the default: the
-        compile takes tens of seconds and pays only over many samples (BENCHMARKS.md §6). Returns self."""
+        """torch.compile the sampler's two heavy parts, the backbone and the MoG head's re-quantiser (on CUDA as
+        CUDA graphs: the shapes repeat at every step). forward() calls the same backbone: call this on a model used
+        to sample, not one training. Eager is the default: compiling pays only over many samples (BENCHMARKS.md §6)."""
         # dynamic=False: a new batch size compiles anew; kernels for symbolic shapes run slower on the CPU
         mode = "reduce-overhead" if self.codebooks.device.type == "cuda" else None
         self.backbone = torch.compile(self.backbone, mode=mode, dynamic=False)
@@ -770,7 +761,7 @@ class ResGen(nn.Module):
         cfg_schedule: "constant" or "linear" (w_s = 1 + (w − 1)·revealed/(L·D), per row; given tokens count as
         revealed).
         top_p: nucleus over mixture components (over codes for the token head). temperature: τ in
-        z = b + e^s·(μ_k + τ·ε) (softmax temperature for the token head).
+        z = e(v; p) + b + e^s·(δ_k + τ·ε) (softmax temperature for the token head).
         choice_temperature: scale of the Gumbel noise on the confidences, annealed by (1 − s/T). Default 1.0:
         Gumbel noise of unit scale is on the scale of the log-probabilities it perturbs (in nats), so
         early steps mix confidence with randomness and the last steps go by confidence alone.
@@ -862,12 +853,10 @@ class ResGen(nn.Module):
 
 # Config fields of earlier MoG heads, each with what replaced it. A MoG checkpoint holding one is refused with its
 # cause; a token-head checkpoint never used them and loads as before.
-RETIRED_MOG_HEADS = [
-    ({"scales", "log_scale_max"}, "the earlier MoG head (a sigma per component, trained on the exact NLL), which the "
-                                  "shared-scale head of RESULTS.md §5 replaced; load it with the code of commit c69d361"),
-    ({"mixtures", "mean_rank"}, "the free-means MoG head of RESULTS.md §5 (K learned means), which the head with its "
-                                "components on the codebook (RESULTS.md §9) replaced; load it with the code of commit d53a023"),
-]
+RETIRED_MOG_HEADS = [({"scales", "log_scale_max"}, "the earlier MoG head (a sigma per component; RESULTS.md §5 "
+                                                    "replaced it): load it with the code of commit c69d361"),
+                     ({"mixtures", "mean_rank"}, "the free-means MoG head of RESULTS.md §5 (K learned means; §9 "
+                                                 "replaced it): load it with the code of commit d53a023")]
 
 
 def checkpoint_config(ckpt, path):
