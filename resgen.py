@@ -133,8 +133,9 @@ def cumulative_embeddings(codes, mask, codebooks):
 #                                 Config and sizes                              #
 #################################################################################
 
-LOW_RANK_ABOVE = 64  # latent widths c above this get low-rank MoG offsets by default ...
-LOW_RANK = 64        # ... of this rank (the authors' code uses 64 for its means)
+LOW_RANK_ABOVE = 64      # latent widths c above this get low-rank MoG offsets by default ...
+LOW_RANK = 64            # ... of this rank (the authors' code uses 64 for its means), lowered so that ...
+OFFSET_OUTPUTS = 1 << 14  # ... K·r stays at the free-means head's 256·64 (BENCHMARKS.md §10: V = 16384 has K = V)
 
 
 @dataclass
@@ -161,7 +162,8 @@ class ResGenConfig:
 
     def __post_init__(self):
         if self.offset_rank == -1:  # full offsets while they are cheap; low rank for wide latents (imagenet256: c = 256)
-            self.offset_rank = 0 if self.code_dim <= LOW_RANK_ABOVE else LOW_RANK
+            K = max(1, self.codebook_size * self.components_per_code)
+            self.offset_rank = 0 if self.code_dim <= LOW_RANK_ABOVE else max(1, min(LOW_RANK, OFFSET_OUTPUTS // K))
         if self.classification_weight == -1:  # one K-way term per position against a regression over c dimensions
             self.classification_weight = float(self.code_dim)
         for name in ("length", "depth", "codebook_size", "code_dim", "width", "layers", "heads", "components_per_code"):

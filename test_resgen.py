@@ -1060,10 +1060,14 @@ def test_sizes():
         m = resgen.ResGen(cfg, torch.zeros(16, 4096, 16))
         n = m.num_params() - sum(p.numel() for p in m.head.parameters())
     assert 570e6 < n < 580e6  # the paper's 574M (the DiT-XL block stack alone is 573.7M), plus the head
-    with torch.device("meta"):  # imagenet256 latents (c = 256): low-rank offsets by default
+    with torch.device("meta"):  # imagenet256 latents (c = 256, V = 16384): low-rank offsets, K·r capped
         cfg = resgen.make_config("xl", length=64, depth=16, codebook_size=16384, code_dim=256, num_classes=1000)
-    assert cfg.offset_rank == resgen.LOW_RANK and resgen.make_config("tiny", length=1, depth=1, codebook_size=2,
-                                                                     code_dim=16, num_classes=1).offset_rank == 0
+        m = resgen.ResGen(cfg, torch.zeros(16, 16384, 256))
+    head = sum(p.numel() for p in m.head.parameters())
+    assert cfg.offset_rank == 1 and head < 60e6, (cfg.offset_rank, head)  # rank 64: 1.5G (K = V = 16384 components)
+    wide = dict(length=1, depth=1, code_dim=256, num_classes=1)
+    assert resgen.make_config("tiny", codebook_size=256, **wide).offset_rank == resgen.LOW_RANK
+    assert resgen.make_config("tiny", length=1, depth=1, codebook_size=2, code_dim=16, num_classes=1).offset_rank == 0
     with pytest.raises(tokenizer.UserError):
         resgen.make_config("huge", length=1, depth=1, codebook_size=1, code_dim=1, num_classes=1)
 
