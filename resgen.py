@@ -178,11 +178,10 @@ class ResGenConfig:
         if not 0 <= self.offset_rank < self.code_dim:
             raise UserError(f"ResGenConfig.offset_rank must be 0 (full offsets) or in 1..{self.code_dim - 1}, "
                             f"got {self.offset_rank}")
-        if not self.classification_weight > 0:
-            raise UserError(f"ResGenConfig.classification_weight must be > 0 (or -1 for c), got {self.classification_weight}")
-        if self.head_layers < 0 or not 0 <= self.label_smoothing < 1:
-            raise UserError(f"ResGenConfig: head_layers >= 0 and label_smoothing in [0, 1) required, got "
-                            f"{self.head_layers}, {self.label_smoothing}")
+        if self.head_layers < 0 or not 0 <= self.label_smoothing < 1 or not self.classification_weight > 0:
+            raise UserError(f"ResGenConfig: head_layers >= 0, label_smoothing in [0, 1) and classification_weight > 0 "
+                            f"(or -1 for c) required, got {self.head_layers}, {self.label_smoothing}, "
+                            f"{self.classification_weight}")
         if self.schedule not in SCHEDULES:
             raise UserError(f"unknown masking schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
 
@@ -481,9 +480,9 @@ class MoGHead(nn.Module):
         u = self.offsets(f).float().unflatten(-1, (self.K, self.r))  # (B, L, K, r)
         a = torch.exp(-log_scale)  # (B, L, 1)
         y = z.float() - shift  # (B, L, c)
-        # ‖y − e_v‖² for the V codes of depth p_i: y against all D·V rows, then the V of depth p_i
-        ye = (y @ codebooks.reshape(D * V, c).t()).unflatten(-1, (D, V))  # (B, L, D, V)
-        ye = ye.gather(2, p[..., None, None].expand(*p.shape, 1, V)).squeeze(2)  # (B, L, V)
+        ye = y.new_zeros(*p.shape, V)  # (B, L, V): y·e_v for the V codes of depth p_i, never a (B, L, D, V) tensor
+        for j in range(D):
+            ye = torch.where((p == j).unsqueeze(-1), y @ codebooks[j].t(), ye)
         code_dist = y.pow(2).sum(-1, keepdim=True) - 2 * ye + codebooks.pow(2).sum(-1)[p]  # (B, L, V)
         lifted_rows = torch.einsum("kcr,dkc->dkr", self.lift,
                                    codebooks.repeat_interleave(self.M, dim=1))  # (D, K, r): A_kᵀ e(v_k; j)
@@ -543,7 +542,7 @@ class MoGHead(nn.Module):
         """Sampler steps 2-3 (DESIGN.md §4.4): a component k = (v, m) from the top-p nucleus of π (Gumbel-max),
         z = e(v; p_i) + b + e^s·(δ_k + τ·ε), then re-quantization from depth p_i. Returns tokens (B, L, D) int64
         and per-token confidences (B, L, D) (0 above p_i)."""
-        D, V, c = codebooks.shape
+        D = codebooks.shape[0]
         logits = self.logits(f).float()  # (B, L, K)
         shift, log_scale = self.affine(f)
         k = draw_component(logits, top_p, generator)  # (B, L)

@@ -668,6 +668,19 @@ JOINT_CODEBOOKS = torch.tensor([[[2.0, 2.0], [2.0, -2.0], [-2.0, 2.0], [-2.0, -2
                                 [[0.4, 0.4], [0.4, -0.4], [-0.4, 0.4], [-0.4, -0.4]]])  # fine codes near each other
 
 
+def fit_one_class(m, batches, steps):
+    """Train m as the synthetic-task tests do: AdamW at lr 3e-3, `steps` batches batches(g) of class 0, g seeded 0."""
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        codes = batches(g)
+        loss, _ = m(codes, torch.zeros(codes.shape[0], dtype=torch.long))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m
+
+
 @pytest.mark.parametrize("head", ["mog", "tokens"])
 def test_mog_head_keeps_jointly_dependent_depths_consistent(head):
     """PAPER.md's claim for the cumulative embedding: with both depths of every position revealed in ONE step
@@ -676,14 +689,7 @@ def test_mog_head_keeps_jointly_dependent_depths_consistent(head):
     about 1 in 4)."""
     torch.manual_seed(0)
     cfg = resgen.make_config("tiny", length=4, depth=2, codebook_size=4, code_dim=2, num_classes=1, head=head)
-    m = resgen.ResGen(cfg, JOINT_CODEBOOKS).train()
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(300):
-        loss, _ = m(joint_task(64, g), torch.zeros(64, dtype=torch.long))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    m = fit_one_class(resgen.ResGen(cfg, JOINT_CODEBOOKS).train(), lambda g: joint_task(64, g), 300)
     out = m.generate(torch.zeros(500, dtype=torch.long), steps=1, generator=torch.Generator().manual_seed(1))
     valid = (JOINT_PAIR[out[..., 0]] == out[..., 1]).float().mean().item()
     if head == "mog":
@@ -728,14 +734,7 @@ def test_mog_head_emits_valid_finest_codes_as_often_as_the_token_head():
     for head in ("tokens", "mog"):
         torch.manual_seed(0)
         cfg = resgen.make_config("tiny", length=L, depth=D, codebook_size=FINE_V, code_dim=4, num_classes=1, head=head)
-        m = resgen.ResGen(cfg, codebooks).train()
-        opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-        g = torch.Generator().manual_seed(0)
-        for _ in range(FINE_STEPS):
-            loss, _ = m(fine_task(64, L, allowed, g), torch.zeros(64, dtype=torch.long))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        m = fit_one_class(resgen.ResGen(cfg, codebooks).train(), lambda g: fine_task(64, L, allowed, g), FINE_STEPS)
         out = m.generate(torch.zeros(500, dtype=torch.long), steps=1, prompt_codes=real, prompt_mask=given,
                          generator=torch.Generator().manual_seed(1))
         assert torch.equal(out[..., :-1], real[..., :-1])
