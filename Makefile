@@ -17,6 +17,9 @@ FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 # used as `$(CLASSIFIER) DEVICE;` inside a recipe
 CLASSIFIER = test -f $(RUNS)/classifier.pt || $(PY) eval_fid.py train-classifier --data fashion_mnist --epochs 1 \
   --out $(RUNS)/classifier.pt --device
+# the files every evaluation reads from $(RUNS), whatever directory make runs in: that classifier and the cached
+# real-image statistics (eval_fid.py's own --cache-dir default is relative to the working directory)
+EVAL_FILES = --classifier $(RUNS)/classifier.pt --cache-dir $(RUNS)/fid_stats
 
 .PHONY: setup setup-test demo test study prompted sweep figures bench-gpu depth table2 clean
 
@@ -48,7 +51,7 @@ demo: setup
 	  --batch-size 32 --lr 1e-3 --warmup 100 --log-every 100 --ckpt-every 500 --device cpu; \
 	$(PY) sample.py --ckpt $(RUNS)/resgen/last.pt --n 100 $(SAMPLER) --out samples.png --device cpu; \
 	$(CLASSIFIER) cpu; \
-	$(PY) eval_fid.py --ckpt $(RUNS)/resgen/last.pt --n 300 $(SAMPLER) --no-fid --classifier $(RUNS)/classifier.pt \
+	$(PY) eval_fid.py --ckpt $(RUNS)/resgen/last.pt --n 300 $(SAMPLER) --no-fid $(EVAL_FILES) \
 	  --device cpu; \
 	echo "demo finished in $$(( $$(date +%s) - start )) s: samples.png"
 
@@ -66,7 +69,7 @@ STUDY_REF_N ?= 10000
 DEVICE ?= cuda
 STUDY_TRAIN = --data $(RUNS)/fashion_mnist_codes --model small --batch-size 256 --lr 1e-3 --warmup 500 \
   --steps 1000000 --log-every 200 --ckpt-every 100000 --time-limit $(STUDY_TIME) --device $(DEVICE)
-STUDY_EVAL = --n $(STUDY_N) --ref train --ref-n $(STUDY_REF_N) --classifier $(RUNS)/classifier.pt --batch-size 500 \
+STUDY_EVAL = --n $(STUDY_N) --ref train --ref-n $(STUDY_REF_N) $(EVAL_FILES) --batch-size 500 \
   --device $(DEVICE) --json-out $(RUNS)/results_gpu.jsonl
 
 study: setup
@@ -93,7 +96,7 @@ PROMPT_OUT ?= $(RUNS)/prompted
 PROMPT_N ?= 500
 PROMPT_DEPTHS ?= 1 2 3
 PICTURES ?= .
-PROMPT_EVAL = --ckpt $(PROMPT_CKPT) --n $(PROMPT_N) $(SAMPLER) --no-fid --classifier $(RUNS)/classifier.pt \
+PROMPT_EVAL = --ckpt $(PROMPT_CKPT) --n $(PROMPT_N) $(SAMPLER) --no-fid $(EVAL_FILES) \
   --batch-size 100 --device cpu --json-out $(PROMPT_OUT)/prompted.jsonl
 CODES_TRAIN = --model tiny --steps 1000 --batch-size 32 --lr 1e-3 --warmup 100 --log-every 250 --ckpt-every 1000 --device cpu
 
@@ -141,7 +144,7 @@ prompted: setup
 	  $(PY) eval_fid.py $(PROMPT_EVAL) --inpaint $$r; done; \
 	for d in $(PROMPT_DEPTHS); do $(PY) eval_fid.py $(PROMPT_EVAL) --keep-depth $$d; done; \
 	$(PY) eval_fid.py $(PROMPT_EVAL); \
-	$(PY) eval_fid.py --ckpt $(RUNS)/tokenizer/last.pt --n $(PROMPT_N) --no-fid --classifier $(RUNS)/classifier.pt \
+	$(PY) eval_fid.py --ckpt $(RUNS)/tokenizer/last.pt --n $(PROMPT_N) --no-fid $(EVAL_FILES) \
 	  --batch-size 100 --device cpu --json-out $(PROMPT_OUT)/prompted.jsonl; \
 	$(PY) -c "$$SYNTHETIC_CACHES" $(PROMPT_OUT); \
 	: > $(PROMPT_OUT)/codes.txt; \
@@ -159,7 +162,7 @@ prompted: setup
 SWEEP_CKPTS ?= $(RUNS)/resgen/last.pt
 SWEEP_N ?= 2000
 SWEEP_OUT ?= $(RUNS)/sweep.jsonl
-SWEEP_EVAL = --no-fid --n $(SWEEP_N) --ref train --ref-n $(SWEEP_N) --classifier $(RUNS)/classifier.pt \
+SWEEP_EVAL = --no-fid --n $(SWEEP_N) --ref train --ref-n $(SWEEP_N) $(EVAL_FILES) \
   --json-out $(SWEEP_OUT) $(if $(SWEEP_DEVICE),--device $(SWEEP_DEVICE))
 
 sweep: setup
@@ -194,8 +197,8 @@ figures:
 #   keep depth 1 of N = DEPTH_N real test images and generate the rest (ResGen only: the coarse-depth probe of 8.2);
 #   a sample grid, figures/samples_d$$D_$$m.png;
 # every row one JSON line in $(DEPTH_OUT)/results.jsonl; then the paper's Fig. 2 (metric against sampling seconds per
-# image, a line per model over T) per guidance scale in $(DEPTH_OUT)/figures/w1 and w$(DEPTH_CFG). A finished stage is
-# not run again, a cut training run resumes.
+# image, a line per model over T) per guidance scale in $(DEPTH_OUT)/figures/w1 and w$(DEPTH_CFG). A finished stage
+# (each evaluation row: one marker file per row in the model's folder) is not run again, a cut training run resumes.
 # On the 2-core CPU, one thread per process: a tokenizer about 15 minutes, its codes 2-5; a ResGen model 3-4.5 hours,
 # the RQ-Transformer about 4 (D = 4) and 12 (D = 16) hours; an Inception row 15-25 minutes. One model or depth per process:
 #   OMP_NUM_THREADS=1 make depth DEPTHS=4 DEPTH_MODELS=mog &  OMP_NUM_THREADS=1 make depth DEPTHS=4 DEPTH_MODELS=tokens &
@@ -218,7 +221,7 @@ DEPTH_CFG ?= 3
 DEPTH_DEVICE ?= cpu
 DEPTH_TRAIN = --model small --steps $(DEPTH_STEPS) --batch-size $(DEPTH_BATCH) --lr 1e-3 --warmup 100 --decay $(DEPTH_DECAY) \
   --log-every 100 --ckpt-every 250 --device $(DEPTH_DEVICE) $(if $(DEPTH_TIME),--time-limit $(DEPTH_TIME))
-DEPTH_SAMPLER = --temperature 0.7 --classifier $(RUNS)/classifier.pt --batch-size 100 --device $(DEPTH_DEVICE) \
+DEPTH_SAMPLER = --temperature 0.7 $(EVAL_FILES) --batch-size 100 --device $(DEPTH_DEVICE) \
   --json-out $(DEPTH_OUT)/results.jsonl
 DEPTH_EVAL = --no-fid --n $(DEPTH_N) --ref train --ref-n $(DEPTH_REF_N) $(DEPTH_SAMPLER)
 
@@ -247,11 +250,13 @@ depth: setup
 	      tail -n 1 $$r/log.jsonl | grep -q '"step": $(DEPTH_STEPS),' || { \
 	        echo "$$r stopped before step $(DEPTH_STEPS) (DEPTH_TIME); rerun make depth to continue"; exit 0; }; \
 	      touch $$r/train.done; }; \
-	    test "$(DEPTH_FID_N)" = 0 || test -f $$r/fid.done || { for w in 1 $(DEPTH_CFG); do for T in $$T_FID; do \
-	      $(PY) eval_fid.py --ckpt $$r/last.pt --n $(DEPTH_FID_N) --ref-n $(DEPTH_FID_N) --steps $$T --cfg $$w \
-	        $(DEPTH_SAMPLER); done; done; touch $$r/fid.done; }; \
-	    test -f $$r/fast.done || { for w in 1 $(DEPTH_CFG); do for T in $$T_ALL; do \
-	      $(PY) eval_fid.py --ckpt $$r/last.pt $(DEPTH_EVAL) --steps $$T --cfg $$w; done; done; touch $$r/fast.done; }; \
+	    test "$(DEPTH_FID_N)" = 0 || for w in 1 $(DEPTH_CFG); do for T in $$T_FID; do \
+	      test -f $$r/fid_w$${w}_T$$T.done || { \
+	        $(PY) eval_fid.py --ckpt $$r/last.pt --n $(DEPTH_FID_N) --ref-n $(DEPTH_FID_N) --steps $$T --cfg $$w \
+	          $(DEPTH_SAMPLER); touch $$r/fid_w$${w}_T$$T.done; }; done; done; \
+	    for w in 1 $(DEPTH_CFG); do for T in $$T_ALL; do test -f $$r/fast_w$${w}_T$$T.done || { \
+	      $(PY) eval_fid.py --ckpt $$r/last.pt $(DEPTH_EVAL) --steps $$T --cfg $$w; touch $$r/fast_w$${w}_T$$T.done; }; \
+	    done; done; \
 	    test $$m = rq || test -f $$r/keep.done || { \
 	      $(PY) eval_fid.py --ckpt $$r/last.pt $(DEPTH_EVAL) --steps 16 --cfg $(DEPTH_CFG) --keep-depth 1; \
 	      touch $$r/keep.done; }; \
