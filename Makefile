@@ -198,7 +198,8 @@ figures:
 #   a sample grid, figures/samples_d$$D_$$m.png;
 # every row one JSON line in $(DEPTH_OUT)/results.jsonl; then the paper's Fig. 2 (metric against sampling seconds per
 # image, a line per model over T) per guidance scale in $(DEPTH_OUT)/figures/w1 and w$(DEPTH_CFG). A finished stage
-# (each evaluation row: one marker file per row in the model's folder) is not run again, a cut training run resumes.
+# (each evaluation row: `row NAME ARGS` marks NAME.done in the model's folder) is not run again, a cut training run
+# resumes.
 # On the 2-core CPU, one thread per process: a tokenizer about 15 minutes, its codes 2-5; a ResGen model 3-4.5 hours,
 # the RQ-Transformer about 4 (D = 4) and 12 (D = 16) hours; an Inception row 15-25 minutes. One model or depth per process:
 #   OMP_NUM_THREADS=1 make depth DEPTHS=4 DEPTH_MODELS=mog &  OMP_NUM_THREADS=1 make depth DEPTHS=4 DEPTH_MODELS=tokens &
@@ -240,6 +241,7 @@ DEPTH_TOKENIZER = test -f $$d/reconstruct.txt || { \
 depth: setup
 	@set -e; mkdir -p $(DEPTH_OUT)/figures; \
 	$(CLASSIFIER) $(DEPTH_DEVICE); \
+	row() { test -f $$r/$$1.done || { k=$$1; shift; $(PY) eval_fid.py --ckpt $$r/last.pt "$$@"; touch $$r/$$k.done; }; }; \
 	for D in $(DEPTHS); do d=$(DEPTH_OUT)/d$$D; \
 	  $(DEPTH_TOKENIZER) \
 	  for m in $(DEPTH_MODELS); do r=$$d/d$${D}_$$m; T_ALL="4 8 16 32"; T_FID="$(DEPTH_FID_STEPS)"; \
@@ -250,16 +252,11 @@ depth: setup
 	      tail -n 1 $$r/log.jsonl | grep -q '"step": $(DEPTH_STEPS),' || { \
 	        echo "$$r stopped before step $(DEPTH_STEPS) (DEPTH_TIME); rerun make depth to continue"; exit 0; }; \
 	      touch $$r/train.done; }; \
-	    test "$(DEPTH_FID_N)" = 0 || for w in 1 $(DEPTH_CFG); do for T in $$T_FID; do \
-	      test -f $$r/fid_w$${w}_T$$T.done || { \
-	        $(PY) eval_fid.py --ckpt $$r/last.pt --n $(DEPTH_FID_N) --ref-n $(DEPTH_FID_N) --steps $$T --cfg $$w \
-	          $(DEPTH_SAMPLER); touch $$r/fid_w$${w}_T$$T.done; }; done; done; \
-	    for w in 1 $(DEPTH_CFG); do for T in $$T_ALL; do test -f $$r/fast_w$${w}_T$$T.done || { \
-	      $(PY) eval_fid.py --ckpt $$r/last.pt $(DEPTH_EVAL) --steps $$T --cfg $$w; touch $$r/fast_w$${w}_T$$T.done; }; \
+	    test "$(DEPTH_FID_N)" = 0 || for w in 1 $(DEPTH_CFG); do for T in $$T_FID; do row fid_w$${w}_T$$T \
+	      --n $(DEPTH_FID_N) --ref-n $(DEPTH_FID_N) --steps $$T --cfg $$w $(DEPTH_SAMPLER); done; done; \
+	    for w in 1 $(DEPTH_CFG); do for T in $$T_ALL; do row fast_w$${w}_T$$T $(DEPTH_EVAL) --steps $$T --cfg $$w; \
 	    done; done; \
-	    test $$m = rq || test -f $$r/keep.done || { \
-	      $(PY) eval_fid.py --ckpt $$r/last.pt $(DEPTH_EVAL) --steps 16 --cfg $(DEPTH_CFG) --keep-depth 1; \
-	      touch $$r/keep.done; }; \
+	    test $$m = rq || row keep $(DEPTH_EVAL) --steps 16 --cfg $(DEPTH_CFG) --keep-depth 1; \
 	    test -f $(DEPTH_OUT)/figures/samples_d$${D}_$$m.png || \
 	      $(PY) sample.py --ckpt $$r/last.pt --n 100 --steps 16 --cfg $(DEPTH_CFG) --temperature 0.7 \
 	        --device $(DEPTH_DEVICE) --out $(DEPTH_OUT)/figures/samples_d$${D}_$$m.png; \
