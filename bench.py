@@ -12,6 +12,8 @@ asserts a speed. It prints one table and appends one JSON line per measurement t
     python bench.py --only cuda --compile
     # only row 8 (ResGen against the RQ-Transformer), CPU or GPU
     python bench.py --only cpu --rows versus --threads 1
+    # the same at the batch RESULTS' evaluations sample at (100 images, 200 rows per pass with CFG)
+    python bench.py --only cpu --rows versus --threads 1 --batch 100
 
 What it measures, each as a ratio or a share inside one run, so machine noise cancels:
   1. depth decoupling: sampling time at D = 4, 8, 16 (same L, width, layers, steps, batch), MoG and token head;
@@ -43,7 +45,7 @@ import sys
 import time
 import traceback
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
 import torch
@@ -864,6 +866,9 @@ def main(argv=None):
                    "sampling (ResGen.compile_sampler)")
     p.add_argument("--rows", choices=["all", "versus"], default="all",
                    help="versus: only row 8, ResGen against the RQ-Transformer (the paper's Table 2 in small)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="the sampling batch B of rows 2, 4, 7 and 8 (default: the plan's, 8 on the CPU, 256 on CUDA; "
+                        "RESULTS' evaluations sample at 100)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
     p.add_argument("--json-out", default="runs/bench.jsonl", help="one JSON line per measurement is appended here")
     args = p.parse_args(argv)
@@ -871,6 +876,12 @@ def main(argv=None):
         if args.threads < 1:
             raise UserError(f"--threads must be >= 1 (got {args.threads})")
         torch.set_num_threads(args.threads)
+    if args.batch is not None and args.batch < 1:
+        raise UserError(f"--batch must be >= 1 (got {args.batch})")
+
+    def plan_for(kind):
+        plan = PLANS[kind, args.quick]
+        return plan if args.batch is None else replace(plan, batch=args.batch)
     check_writable_dir(os.path.dirname(os.path.abspath(args.json_out)))
     # every model the bench builds compiles its own backbone, and requantize meets many shapes: past dynamo's
     # default of 8 compiled versions per function it would run eager and the "compiled" rows would not be
@@ -885,20 +896,20 @@ def main(argv=None):
     if args.rows == "versus":
         if args.only != "cuda":
             with report.guard(8, "ResGen vs RQ-Transformer"):
-                plan = PLANS["cpu", args.quick]
+                plan = plan_for("cpu")
                 row_versus(report, plan, torch.device("cpu"), plan.size, FMNIST_CODES, plan.batch)
         if args.only != "cpu":
             if not torch.cuda.is_available():
                 report.row(8, "ResGen vs RQ-Transformer, xl", "cuda", NO_CUDA)
             else:
                 with report.guard(8, "ResGen vs RQ-Transformer, xl"):
-                    plan = PLANS["cuda", args.quick]
+                    plan = plan_for("cuda")
                     row_versus(report, plan, torch.device("cuda"), plan.size, IMAGENET_CODES, plan.batch)
     else:
         if args.only != "cuda":
-            cpu_rows(report, PLANS["cpu", args.quick], args.compile)
+            cpu_rows(report, plan_for("cpu"), args.compile)
         if args.only != "cpu":
-            cuda_rows(report, PLANS["cuda", args.quick], args.compile)
+            cuda_rows(report, plan_for("cuda"), args.compile)
     report.print()
     print(f"({time.time() - t0:.0f} s; JSON lines appended to {args.json_out})")
     if report.failed:

@@ -2523,11 +2523,13 @@ def test_max_batch_prediction_is_affine():
 
 
 def test_bench_quick_runs_every_row(tmp_path):
-    """`bench.py --quick` runs every measurement at small sizes; on a machine without CUDA the GPU rows say
+    """`bench.py --quick` runs every measurement at small sizes (here at --batch 3); on a machine without CUDA the GPU rows say
     so instead of failing. Speeds are reported, never asserted (BENCHMARKS.md)."""
     out = tmp_path / "bench.jsonl"
-    p = run_cmd("bench.py", "--quick", "--threads", "1", "--json-out", str(out), timeout=300)
+    p = run_cmd("bench.py", "--quick", "--threads", "1", "--batch", "3", "--json-out", str(out), timeout=300)
     rows = [json.loads(l) for l in out.read_text().splitlines()]
+    # --batch sets the sampling batch of the rows that sample at the plan's batch (the quick plan's is 4)
+    assert {r["batch"] for r in rows if r["bench"] in ("share", "versus")} == {3}
     kinds = {r["bench"] for r in rows}
     assert {"depth", "share", "train", "versus"} <= kinds, kinds
     for r in rows:
