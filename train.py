@@ -225,7 +225,7 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-HEAD_FLAGS = ("components_per_code", "head_layers", "classification_weight", "label_smoothing", "log_scale_min")
+HEAD_FLAGS = ("components_per_code", "head_layers", "classification_weight", "log_scale_min")
 
 
 def build_config(args, meta):
@@ -287,7 +287,6 @@ def main(argv=None):
     p.add_argument("--head-layers", type=int, default=None, help="gated-MLP blocks in the MoG head")
     p.add_argument("--classification-weight", type=float, default=None,
                    help="lambda on the MoG head's classification term (-1: the code dimension c)")
-    p.add_argument("--label-smoothing", type=float, default=None, help="smoothing of the MoG head's responsibilities q")
     p.add_argument("--log-scale-min", type=float, default=None, help="floor of the MoG head's log-scale s")
     p.add_argument("--steps", type=int, default=400_000, help="optimiser steps")
     p.add_argument("--batch-size", type=int, default=256, help="global batch (all processes, all micro-batches)")
