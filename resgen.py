@@ -852,26 +852,13 @@ class ResGen(nn.Module):
 #                                   Checkpoints                                 #
 #################################################################################
 
-# Config fields of earlier MoG heads, each with what replaced it. A MoG checkpoint holding one is refused with its
-# cause; a token-head checkpoint never used them and loads as before.
-RETIRED_MOG_HEADS = [({"scales", "log_scale_max"}, "the earlier MoG head (a sigma per component; RESULTS.md §5 "
-                                                    "replaced it): load it with the code of commit c69d361"),
-                     ({"mixtures", "mean_rank"}, "the free-means MoG head of RESULTS.md §5 (K learned means; §9 "
-                                                 "replaced it): load it with the code of commit d53a023")]
-
-
 def checkpoint_config(ckpt, path):
     """The ResGenConfig a checkpoint was trained with. Fields added to ResGenConfig since it was written take
-    their defaults (so older checkpoints load and resume); fields this resgen.py does not know are a UserError."""
+    their defaults (so older checkpoints load and resume); fields this resgen.py does not know (a retired head's, another
+    version's) are a UserError that names them."""
     if "config" not in ckpt:
         raise UserError(f"{path} has no 'config' entry: not a ResGen training checkpoint")
     config = dict(ckpt["config"])
-    for retired, what in RETIRED_MOG_HEADS:
-        if set(config) & retired:
-            if config.get("head", "mog") == "mog":
-                raise UserError(f"{path} holds {what}; retrain it (train.py)")
-            for name in retired:
-                config.pop(name, None)
     unknown = sorted(set(config) - {f.name for f in fields(ResGenConfig)})
     if unknown:
         raise UserError(f"{path} has config fields {', '.join(unknown)} that this resgen.py's ResGenConfig lacks")
