@@ -32,7 +32,7 @@ Train with `python train.py --arch rqtransformer ...`; sample.py and eval_fid.py
 checkpoint.
 """
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 import resgen
 from resgen import Attention, Block, embed_codes, gumbel, modulate, top_p_filter
-from tokenizer import UserError, load_checkpoint, strip_prefixes
+from tokenizer import UserError, load_checkpoint
 
 
 #################################################################################
@@ -580,20 +580,10 @@ def checkpoint_arch(ckpt, path):
 
 
 def checkpoint_config(ckpt, path):
-    """The config a checkpoint was trained with, of its architecture (ResGen's: resgen.checkpoint_config)."""
+    """The config a checkpoint was trained with, of its architecture (resgen.config_from_checkpoint)."""
     if checkpoint_arch(ckpt, path) == "resgen":
         return resgen.checkpoint_config(ckpt, path)
-    if "config" not in ckpt:
-        raise UserError(f"{path} has no 'config' entry: not an RQ-Transformer training checkpoint")
-    config = dict(ckpt["config"])
-    unknown = sorted(set(config) - {f.name for f in fields(RQTransformerConfig)})
-    if unknown:
-        raise UserError(f"{path} has config fields {', '.join(unknown)} that this rqtransformer.py's "
-                        f"RQTransformerConfig lacks")
-    try:
-        return RQTransformerConfig(**config)
-    except TypeError as e:
-        raise UserError(f"{path}: config does not fit RQTransformerConfig ({e})")
+    return resgen.config_from_checkpoint(ckpt, path, RQTransformerConfig, "an RQ-Transformer")
 
 
 def _peek(path):
@@ -616,28 +606,9 @@ def load_model(path, ema=True, device="cpu"):
 
 
 def load_rqtransformer(path, ema=True, device="cpu"):
-    """RQTransformer from a train.py checkpoint, as resgen.load_resgen loads a ResGen."""
+    """RQTransformer from a train.py checkpoint, as resgen.load_resgen loads a ResGen (resgen.model_from_checkpoint)."""
     ckpt = load_checkpoint(path, "resgen")
     if checkpoint_arch(ckpt, path) != ARCH:
         raise UserError(f"{path} holds a {checkpoint_arch(ckpt, path)} model, not an RQ-Transformer")
-    if "model" not in ckpt:
-        raise UserError(f"{path} has no 'model' entry: not an RQ-Transformer training checkpoint")
-    config = checkpoint_config(ckpt, path)
-    model_state = strip_prefixes(ckpt["model"])
-    state = strip_prefixes(ckpt["ema"]) if ema and ckpt.get("ema") is not None else model_state
-    if "codebooks" not in state and "codebooks" in model_state:
-        state["codebooks"] = model_state["codebooks"]
-    model = RQTransformer(config, torch.zeros(config.depth, config.codebook_size, config.code_dim))
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or extra or shapes:
-        parts = ([f"missing in checkpoint: {', '.join(missing[:5])}"] if missing else []) + \
-                ([f"not in model: {', '.join(extra[:5])}"] if extra else []) + shapes[:5]
-        raise UserError(f"{path} does not match the model its config describes ({asdict(config)}): " + "; ".join(parts))
-    model.load_state_dict(state)
-    model.meta = ckpt.get("meta", {})
-    model.step = ckpt.get("step", 0)
-    return model.to(device).eval()
+    return resgen.model_from_checkpoint(ckpt, path, RQTransformer, RQTransformerConfig, "an RQ-Transformer", ema,
+                                        device)
