@@ -901,15 +901,8 @@ def psnr_by_depth(tok, images, batch_size=256):
             "used": (counts > 0).double().mean(-1).tolist()}
 
 
-def cmd_train(args):
-    rank, world = setup_dist()
-    if args.steps < 1:
-        raise UserError(f"--steps must be >= 1 (got {args.steps})")
-    if args.batch_size < 1 or args.batch_size % world:
-        raise UserError(f"--batch-size must be a positive multiple of the number of processes ({world})")
-    device = parse_device(args.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+def tokenizer_config(args):
+    """The RVQ-VAE's architecture as a dict: --config's, with the flags that override it, checked."""
     if args.config not in CONFIGS:
         raise UserError(f"unknown --config {args.config!r} (choose from {', '.join(CONFIGS)})")
     overrides = {k: v for k, v in dict(depth=args.depth, codebook_size=args.codebook_size, code_dim=args.code_dim,
@@ -923,6 +916,60 @@ def cmd_train(args):
         raise UserError(f"--commit-weight must be >= 0 (got {args.commit_weight})")
     if base["codebook_size"] > 65536:
         raise UserError("--codebook-size must be <= 65536 (code caches store uint16)")
+    return base
+
+
+def tokenizer_batch(ds, step, args, rank, world, device):
+    """This rank's images of the global batch of `step`, in [-1, 1]. The order is a pure function of (seed, epoch):
+    resuming at any step replays the same batches."""
+    n, per_rank = len(ds), args.batch_size // world
+    epoch, pos = divmod(step, max(1, n // args.batch_size))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 1000003 + epoch))
+    idx = perm[pos * args.batch_size:(pos + 1) * args.batch_size]
+    if len(idx) < args.batch_size:  # fewer images than one batch: sample with replacement
+        idx = torch.randint(0, n, (args.batch_size,), generator=torch.Generator().manual_seed(args.seed + step))
+    idx = idx[rank * per_rank:(rank + 1) * per_rank]
+    return to_float(torch.stack([ds[int(i)][0] for i in idx])).to(device)
+
+
+def save_tokenizer(tok, opt, ds, step, args, num_classes, path):
+    """last.pt; the one written at --steps first measures the latent scale s on the training images (DESIGN.md §4.1),
+    once training has ended."""
+    if step == args.steps:
+        tok.eval()
+        imgs = np.stack([ds[i][0].numpy() for i in range(min(len(ds), 5000))])
+        tok.scale.fill_(measure_latent_scale(tok, imgs))
+        tok.train()
+    save_checkpoint({"kind": "tokenizer", "config": asdict(tok.cfg), "model": tok.state_dict(),
+                     "optimizer": opt.state_dict(), "step": step, "num_classes": num_classes,
+                     "args": vars(args)}, path)
+
+
+def resume_tokenizer(path, tok, opt, rank):
+    """Model and optimiser from last.pt when it exists; returns the step to go on from (0: a new run)."""
+    if not os.path.exists(path):
+        return 0
+    ckpt = load_checkpoint(path, "tokenizer")
+    if ckpt["config"] != asdict(tok.cfg):
+        raise UserError(f"{path} was trained with another configuration; use a new --out")
+    tok.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    if rank == 0:
+        print(f"resuming from {path} at step {ckpt['step']}", flush=True)
+    return ckpt["step"]
+
+
+def cmd_train(args):
+    """`train`: the RVQ-VAE on images, single process or torchrun DDP, resumed from OUT/last.pt when it exists."""
+    rank, world = setup_dist()
+    if args.steps < 1:
+        raise UserError(f"--steps must be >= 1 (got {args.steps})")
+    if args.batch_size < 1 or args.batch_size % world:
+        raise UserError(f"--batch-size must be a positive multiple of the number of processes ({world})")
+    device = parse_device(args.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    base = tokenizer_config(args)
     ds, num_classes = open_images(args.data, "train", args.data_dir, args.image_size or base["image_size"], args.limit)
     cfg = TokenizerConfig(**fit_to_images(base, ds[0][0].shape, args.grid))
     if rank == 0:
@@ -930,35 +977,16 @@ def cmd_train(args):
     torch.manual_seed(args.seed)
     tok = Tokenizer(cfg).to(device)
     opt = torch.optim.AdamW(tok.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    step = 0
     ckpt_path = os.path.join(args.out, "last.pt")
-    if os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path, "tokenizer")
-        if ckpt["config"] != asdict(cfg):
-            raise UserError(f"{ckpt_path} was trained with another configuration; use a new --out")
-        tok.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        if rank == 0:
-            print(f"resuming from {ckpt_path} at step {step}", flush=True)
+    step = resume_tokenizer(ckpt_path, tok, opt, rank)
     model = tok
     if world > 1:
         model = nn.parallel.DistributedDataParallel(tok, broadcast_buffers=False)
-    per_rank = args.batch_size // world
-    n = len(ds)
-    steps_per_epoch = max(1, n // args.batch_size)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     t0, last_log, start_step = time.time(), step, step
     tok.train()
     while step < args.steps:
-        # the data order is a pure function of (seed, epoch): resuming at any step replays the same batches
-        epoch, pos = divmod(step, steps_per_epoch)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 1000003 + epoch))
-        idx = perm[pos * args.batch_size:(pos + 1) * args.batch_size]
-        if len(idx) < args.batch_size:  # fewer images than one batch: sample with replacement
-            idx = torch.randint(0, n, (args.batch_size,), generator=torch.Generator().manual_seed(args.seed + step))
-        idx = idx[rank * per_rank:(rank + 1) * per_rank]
-        x = to_float(torch.stack([ds[int(i)][0] for i in idx])).to(device)
+        x = tokenizer_batch(ds, step, args, rank, world, device)
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.5 * (1 + math.cos(math.pi * step / args.steps)) * 0.9 + 0.1)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -977,15 +1005,7 @@ def cmd_train(args):
             print(f"step {step:6d} | loss {loss.item():.4f} | psnr {psnr:5.2f} dB | commit {stats['commit'].item():.4f} | "
                   f"perplexity/depth {' '.join(f'{p:.0f}' for p in perp)} | {rate:.2f} steps/s", flush=True)
         if rank == 0 and (step % args.ckpt_every == 0 or step == args.steps):
-            if step == args.steps:
-                # s is measured on training images once training ends (DESIGN.md §4.1)
-                tok.eval()
-                imgs = np.stack([ds[i][0].numpy() for i in range(min(n, 5000))])
-                tok.scale.fill_(measure_latent_scale(tok, imgs))
-                tok.train()
-            save_checkpoint({"kind": "tokenizer", "config": asdict(cfg), "model": tok.state_dict(),
-                             "optimizer": opt.state_dict(), "step": step, "num_classes": num_classes,
-                             "args": vars(args)}, ckpt_path)
+            save_tokenizer(tok, opt, ds, step, args, num_classes, ckpt_path)
     if rank == 0:
         done = f"saved {ckpt_path}" if step > start_step else f"{ckpt_path} is already at --steps; nothing to train"
         print(f"{done} (step {step}, latent scale s = {tok.latent_scale:.4f})", flush=True)
