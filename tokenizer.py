@@ -130,6 +130,9 @@ def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+DEVICE_HELP = "torch device: cpu, cuda or cuda:N (default: cuda when there is one, else cpu)"
+
+
 def parse_device(name):
     try:
         dev = torch.device(name)
@@ -1084,12 +1087,13 @@ def main(argv=None):
         q.add_argument("--data", default="fashion_mnist", help="'fashion_mnist' or an ImageNet-style folder of class folders")
         q.add_argument("--data-dir", default=None, help=f"folder of the Fashion-MNIST IDX files (default {FASHION_MNIST_DIR})")
         q.add_argument("--limit", type=int, default=None, help="use only the first N images")
-        q.add_argument("--device", default=default_device())
+        q.add_argument("--device", default=default_device(), help=DEVICE_HELP)
 
     t = sub.add_parser("train", help="train the RVQ-VAE")
     data_args(t)
-    t.add_argument("--out", default="runs/tokenizer")
-    t.add_argument("--config", default="fmnist", help=f"named configuration: {', '.join(CONFIGS)}")
+    t.add_argument("--out", default="runs/tokenizer", help="run folder for last.pt (rerunning resumes from it)")
+    t.add_argument("--config", default="fmnist", help=f"named architecture: {', '.join(CONFIGS)} (channels follow "
+                   "the data)")
     t.add_argument("--image-size", type=int, default=None, help="resize folder images to this size (default: the config's)")
     t.add_argument("--grid", type=int, default=None,
                    help="h = w of the code grid, image size / a power of 2 (default: the config's downsampling)")
@@ -1099,27 +1103,29 @@ def main(argv=None):
     t.add_argument("--shared-codebook", action="store_true", help="one codebook for all depths")
     t.add_argument("--commit-weight", type=float, default=None,
                    help="beta of the cumulative commitment loss (default: the config's, 0.25)")
-    t.add_argument("--steps", type=int, default=600)
+    t.add_argument("--steps", type=int, default=600, help="optimiser steps")
     t.add_argument("--batch-size", type=int, default=128, help="global batch (split over torchrun processes)")
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--warmup", type=int, default=50)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--log-every", type=int, default=100)
-    t.add_argument("--ckpt-every", type=int, default=1000)
+    t.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (cosine decay to 10%%)")
+    t.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
+    t.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
+    t.add_argument("--log-every", type=int, default=100, help="steps between log lines")
+    t.add_argument("--ckpt-every", type=int, default=1000, help="steps between checkpoints (and one at --steps, "
+                   "with the latent scale s)")
 
     e = sub.add_parser("encode", help="encode a split into a code cache (codes.npy, labels.npy, meta.json)")
     data_args(e)
-    e.add_argument("--ckpt", default="runs/tokenizer/last.pt")
-    e.add_argument("--split", default="train", choices=["train", "test"])
-    e.add_argument("--out", required=True)
-    e.add_argument("--batch-size", type=int, default=500)
+    e.add_argument("--ckpt", default="runs/tokenizer/last.pt", help="tokenizer checkpoint")
+    e.add_argument("--split", default="train", choices=["train", "test"], help="the split to encode")
+    e.add_argument("--out", required=True, help="code cache folder: codes.npy, labels.npy, meta.json")
+    e.add_argument("--batch-size", type=int, default=500, help="images per encoder pass")
     e.add_argument("--workers", type=int, default=0, help="DataLoader workers (image folders)")
 
     r = sub.add_parser("reconstruct", help="PSNR and code usage per depth, and a coarse-to-fine picture")
     data_args(r)
-    r.add_argument("--ckpt", default="runs/tokenizer/last.pt")
-    r.add_argument("--split", default="test", choices=["train", "test"])
-    r.add_argument("--out", default="recon.png")
+    r.add_argument("--ckpt", default="runs/tokenizer/last.pt", help="tokenizer checkpoint")
+    r.add_argument("--split", default="test", choices=["train", "test"], help="the split to reconstruct")
+    r.add_argument("--out", default="recon.png", help="the picture: originals, then decodes from depths 1..d for "
+                   "d = 1..D")
     r.add_argument("--show", type=int, default=8, help="images in the picture")
 
     args = p.parse_args(argv)

@@ -44,9 +44,9 @@ import resgen
 import rqtransformer
 from resgen import HEADS, ResGen, sample_mask
 from rqtransformer import ARCHS, RQTransformer, arch_of, checkpoint_arch, checkpoint_config
-from tokenizer import (UserError, check_writable_dir, code_range, default_device, file_hash, load_cache_codebooks,
-                       load_checkpoint, load_code_cache, load_tokenizer, parse_device, run_cli, save_checkpoint,
-                       setup_dist, teardown_dist)
+from tokenizer import (DEVICE_HELP, UserError, check_writable_dir, code_range, default_device, file_hash,
+                       load_cache_codebooks, load_checkpoint, load_code_cache, load_tokenizer, parse_device, run_cli,
+                       save_checkpoint, setup_dist, teardown_dist)
 
 
 #################################################################################
@@ -233,7 +233,12 @@ HEAD_FLAGS = ("components_per_code", "head_layers", "classification_weight", "la
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train ResGen on cached RVQ codes.")
+    p = argparse.ArgumentParser(description="Train ResGen on cached RVQ codes.",
+                                epilog="SIGTERM or SIGINT finishes the current step, writes last.pt and exits with 128 + "
+                                       "the signal (143, 130); rerun the same command to continue. Under torchrun the "
+                                       f"ranks agree on the stop every {STOP_EVERY} steps: the grace period before "
+                                       "SIGKILL (torchrun's --shutdown-timeout, 30 s by default) must cover that many "
+                                       "steps and one checkpoint write.")
     p.add_argument("--data", default="imagenet_latents",
                    help="code cache folder (tokenizer.py encode, or tokenizer.save_code_cache)")
     p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: the one named in meta.json)")
@@ -250,25 +255,30 @@ def parse_args(argv=None):
     p.add_argument("--classification-weight", type=float, default=None,
                    help="lambda on the MoG head's classification term (-1: the code dimension c)")
     p.add_argument("--label-smoothing", type=float, default=None, help="smoothing of the MoG head's responsibilities q")
-    p.add_argument("--log-scale-min", type=float, default=None, help="floor of the MoG head's log-scale s")
+    p.add_argument("--log-scale-min", type=float, default=None, help="floor of the MoG head's log-scale s "
+                   "(sigma = e^s)")
     p.add_argument("--steps", type=int, default=400_000, help="optimiser steps")
     p.add_argument("--batch-size", type=int, default=256, help="global batch (all processes, all micro-batches)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (for large global batches)")
     p.add_argument("--lr", type=float, default=4e-4, help="peak AdamW learning rate (MAR: 8e-4 at batch 2048)")
     p.add_argument("--warmup", type=int, default=1000, help="linear warm-up steps")
-    p.add_argument("--decay", default="constant", choices=["constant", "cosine"], help="after warm-up")
-    p.add_argument("--weight-decay", type=float, default=0.02)
+    p.add_argument("--decay", default="constant", choices=["constant", "cosine"],
+                   help="after warm-up: constant, or cosine to 10%% of --lr at --steps")
+    p.add_argument("--weight-decay", type=float, default=0.02,
+                   help="AdamW weight decay of the weight matrices (none on embeddings, biases, norms)")
     p.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2 (0.95, as MAR and VAR)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
     p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA of weights (warmed up: min(decay, (1+t)/(10+t)))")
     p.add_argument("--label-dropout", type=float, default=0.1, help="p of the null class in training (CFG)")
-    p.add_argument("--device", default=default_device())
+    p.add_argument("--device", default=default_device(), help=DEVICE_HELP)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, the data order, masks and "
+                   "label drops")
     p.add_argument("--time-limit", type=float, default=None,
                    help="stop after this many seconds of training, with a checkpoint (run again to resume)")
-    p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--ckpt-every", type=int, default=5000)
+    p.add_argument("--log-every", type=int, default=100, help="steps between log lines (stdout and OUT/log.jsonl)")
+    p.add_argument("--ckpt-every", type=int, default=5000, help="steps between checkpoints (OUT/last.pt; also at the "
+                   "end and at a stop)")
     p.add_argument("--sample-every", type=int, default=0, help="write a small sample grid every N steps (0: off)")
     return p.parse_args(argv)
 
