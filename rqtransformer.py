@@ -31,7 +31,6 @@ depth); hard-code cross-entropy (the authors train on soft targets from stochast
 Train with `python train.py --arch rqtransformer ...`; sample.py and eval_fid.py read the architecture from the
 checkpoint.
 """
-import math
 from dataclasses import dataclass, fields
 
 import torch

@@ -22,7 +22,6 @@ model made are printed (and recorded by eval_fid.py). Its prompts continue a pre
 half given) on an image grid, --inpaint right on a sequence; any other prompt is one clear error.
 """
 import argparse
-import math
 import os
 import sys
 import time
