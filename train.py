@@ -233,6 +233,7 @@ HEAD_FLAGS = ("components_per_code", "head_layers", "classification_weight", "la
 
 
 def parse_args(argv=None):
+    """train.py's flags (the module docstring has the commands)."""
     p = argparse.ArgumentParser(description="Train ResGen on cached RVQ codes.",
                                 epilog="SIGTERM or SIGINT finishes the current step, writes last.pt and exits with 128 + "
                                        "the signal (143, 130); rerun the same command to continue. Under torchrun the "
@@ -284,6 +285,7 @@ def parse_args(argv=None):
 
 
 def validate(args, world):
+    """One clear UserError for a bad flag value, before any work."""
     for k in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "components_per_code"):
         if getattr(args, k) is not None and getattr(args, k) < 1:
             raise UserError(f"--{k.replace('_', '-')} must be >= 1 (got {getattr(args, k)})")
