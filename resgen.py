@@ -861,47 +861,42 @@ class ResGen(nn.Module):
 #                                   Checkpoints                                 #
 #################################################################################
 
-# Config fields of earlier MoG heads, each with what replaced it. A MoG checkpoint holding one is refused with its
-# cause; a token-head checkpoint never used them and loads as before.
-RETIRED_MOG_HEADS = [({"scales", "log_scale_max"}, "the earlier MoG head (a sigma per component; RESULTS.md §5 "
-                                                    "replaced it): load it with the code of commit c69d361"),
-                     ({"mixtures", "mean_rank"}, "the free-means MoG head of RESULTS.md §5 (K learned means; §9 "
-                                                 "replaced it): load it with the code of commit d53a023")]
+def config_from_checkpoint(ckpt, path, config_class, what):
+    """The config (ResGenConfig or rqtransformer's RQTransformerConfig) a train.py checkpoint was trained with; `what`
+    ("a ResGen", "an RQ-Transformer") names the model in errors. Fields added to the class since the checkpoint was
+    written take their defaults (so older checkpoints load and resume); fields the class lacks (a retired head's,
+    another version's) are a UserError that names them."""
+    if "config" not in ckpt:
+        raise UserError(f"{path} has no 'config' entry: not {what} training checkpoint")
+    config = dict(ckpt["config"])
+    unknown = sorted(set(config) - {f.name for f in fields(config_class)})
+    if unknown:
+        raise UserError(f"{path} has config fields {', '.join(unknown)} that this {config_class.__module__}.py's "
+                        f"{config_class.__name__} lacks")
+    try:
+        return config_class(**config)
+    except TypeError as e:
+        raise UserError(f"{path}: config does not fit {config_class.__name__} ({e})")
 
 
 def checkpoint_config(ckpt, path):
-    """The ResGenConfig a checkpoint was trained with. Fields added to ResGenConfig since it was written take
-    their defaults (so older checkpoints load and resume); fields this resgen.py does not know are a UserError."""
-    if "config" not in ckpt:
-        raise UserError(f"{path} has no 'config' entry: not a ResGen training checkpoint")
-    config = dict(ckpt["config"])
-    for retired, what in RETIRED_MOG_HEADS:
-        if set(config) & retired:
-            if config.get("head", "mog") == "mog":
-                raise UserError(f"{path} holds {what}; retrain it (train.py)")
-            for name in retired:
-                config.pop(name, None)
-    unknown = sorted(set(config) - {f.name for f in fields(ResGenConfig)})
-    if unknown:
-        raise UserError(f"{path} has config fields {', '.join(unknown)} that this resgen.py's ResGenConfig lacks")
-    try:
-        return ResGenConfig(**config)
-    except TypeError as e:
-        raise UserError(f"{path}: config does not fit ResGenConfig ({e})")
+    """The ResGenConfig a checkpoint was trained with (config_from_checkpoint)."""
+    return config_from_checkpoint(ckpt, path, ResGenConfig, "a ResGen")
 
 
-def load_resgen(path, ema=True, device="cpu"):
-    """ResGen from a train.py checkpoint (DESIGN.md §7), in eval mode, with `.meta` (the code cache's meta.json)
-    and `.step` attached. ema=True takes the EMA weights when the checkpoint has them."""
-    ckpt = load_checkpoint(path, "resgen")
+def model_from_checkpoint(ckpt, path, model_class, config_class, what, ema=True, device="cpu"):
+    """`model_class` (ResGen or RQTransformer) with the weights of a train.py checkpoint already read (DESIGN.md §7),
+    in eval mode, with `.meta` (the code cache's meta.json) and `.step` attached: the one loader of both
+    architectures. ema=True takes the EMA weights when the checkpoint has them; a state dict that does not fit the
+    model its config describes (missing, extra or reshaped entries) is a UserError that lists them."""
     if "model" not in ckpt:
-        raise UserError(f"{path} has no 'model' entry: not a ResGen training checkpoint")
-    config = checkpoint_config(ckpt, path)
+        raise UserError(f"{path} has no 'model' entry: not {what} training checkpoint")
+    config = config_from_checkpoint(ckpt, path, config_class, what)
     model_state = strip_prefixes(ckpt["model"])
     state = strip_prefixes(ckpt["ema"]) if ema and ckpt.get("ema") is not None else model_state
     if "codebooks" not in state and "codebooks" in model_state:  # an EMA of the trained parameters only
         state["codebooks"] = model_state["codebooks"]
-    model = ResGen(config, torch.zeros(config.depth, config.codebook_size, config.code_dim))
+    model = model_class(config, torch.zeros(config.depth, config.codebook_size, config.code_dim))
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))
@@ -915,3 +910,9 @@ def load_resgen(path, ema=True, device="cpu"):
     model.meta = ckpt.get("meta", {})
     model.step = ckpt.get("step", 0)
     return model.to(device).eval()
+
+
+def load_resgen(path, ema=True, device="cpu"):
+    """ResGen from a train.py checkpoint (DESIGN.md §7), in eval mode, with `.meta` (the code cache's meta.json)
+    and `.step` attached. ema=True takes the EMA weights when the checkpoint has them."""
+    return model_from_checkpoint(load_checkpoint(path, "resgen"), path, ResGen, ResGenConfig, "a ResGen", ema, device)

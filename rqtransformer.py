@@ -31,8 +31,7 @@ depth); hard-code cross-entropy (the authors train on soft targets from stochast
 Train with `python train.py --arch rqtransformer ...`; sample.py and eval_fid.py read the architecture from the
 checkpoint.
 """
-import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 
 import resgen
 from resgen import Attention, Block, embed_codes, gumbel, modulate, top_p_filter
-from tokenizer import UserError, load_checkpoint, strip_prefixes
+from tokenizer import UserError, load_checkpoint
 
 
 #################################################################################
@@ -172,6 +171,19 @@ class CausalBlock(Block):
 #################################################################################
 #                                Sampling helpers                               #
 #################################################################################
+
+def check_sampling_args(cfg_schedule, top_p, temperature, top_k):
+    """UserError for a sampler setting out of range; returns top_k as an int (0 = off)."""
+    if cfg_schedule not in ("constant", "linear"):
+        raise UserError(f"unknown cfg schedule {cfg_schedule!r}; choose from constant, linear")
+    if not 0.0 < top_p <= 1.0:
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature < 0:
+        raise UserError(f"temperature must be >= 0, got {temperature}")
+    if top_k != int(top_k) or top_k < 0:
+        raise UserError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    return int(top_k)
+
 
 def top_k_filter(logits, k):
     """Keep the k largest logits (ties at the k-th value too), -inf elsewhere; k = 0 or k >= V: no filter.
@@ -458,30 +470,10 @@ class RQTransformer(nn.Module):
         Returns codes (B, L, D) int64. On CUDA the transformers run in bf16 and nothing in the step loop waits on
         the device.
         """
-        if cfg_schedule not in ("constant", "linear"):
-            raise UserError(f"unknown cfg schedule {cfg_schedule!r}; choose from constant, linear")
-        if not 0.0 < top_p <= 1.0:
-            raise UserError(f"top_p must be in (0, 1], got {top_p}")
-        if temperature < 0:
-            raise UserError(f"temperature must be >= 0, got {temperature}")
-        if top_k != int(top_k) or top_k < 0:
-            raise UserError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
-        top_k = int(top_k)
+        top_k = check_sampling_args(cfg_schedule, top_p, temperature, top_k)
         device = self.codebooks.device
         L, D = self.config.length, self.config.depth
-        if labels is None:
-            if batch_size is None:
-                raise UserError("unconditional sampling (labels=None) needs batch_size")
-            guided = False
-        else:
-            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.null_class):
-                raise UserError(f"labels must be in 0..{self.null_class} ({self.null_class} = unconditional), "
-                                f"got {int(labels.min())}..{int(labels.max())}")
-            guided = cfg != 1.0 and labels.numel() > 0 and int(labels.min()) < self.null_class
-            batch_size = labels.shape[0]
-        B = batch_size
-        labels = self._labels(labels, B, device)
-        rows = torch.cat([labels, torch.full_like(labels, self.null_class)]) if guided else labels  # (R,)
+        B, guided, rows = self.sampling_rows(labels, batch_size, cfg, device)
         codes, given, start = self.prompt_state(prompt_codes, prompt_mask, B, device)
 
         def weight(t):  # the guidance scale at token t of the L·D (a Python float: no sync)
@@ -495,18 +487,35 @@ class RQTransformer(nn.Module):
 
         was_training = self.training
         self.eval()
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-        if not cache:  # the same draws in the same order as the cached loop below, from the same first position
-            for i in range(start, L):
-                for j in range(D):
-                    with autocast:
-                        logits = self.logits(codes.repeat(2, 1, 1) if guided else codes, rows)[:, i, j].float()
-                    codes[:, i, j] = pick(logits, i, j)
-                if callback is not None:
-                    callback(i + 1, codes, self._not_generated(B, i, device) & ~given)
-            self.train(was_training)
-            return codes
+        # the uncached loop draws the same tokens in the same order as the cached one, from the same first position
+        sample_tokens = self.sample_tokens if cache else self.sample_tokens_uncached
+        sample_tokens(codes, given, start, rows, guided, pick, callback)
+        self.train(was_training)
+        return codes
 
+    def sampling_rows(self, labels, batch_size, cfg, device):
+        """(B, whether CFG is on, the class of each transformer row (R,)): R = 2B when guided, the conditional rows
+        first, then the null-class rows; R = B otherwise."""
+        if labels is None:
+            if batch_size is None:
+                raise UserError("unconditional sampling (labels=None) needs batch_size")
+            guided = False
+        else:
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.null_class):
+                raise UserError(f"labels must be in 0..{self.null_class} ({self.null_class} = unconditional), "
+                                f"got {int(labels.min())}..{int(labels.max())}")
+            guided = cfg != 1.0 and labels.numel() > 0 and int(labels.min()) < self.null_class
+            batch_size = labels.shape[0]
+        labels = self._labels(labels, batch_size, device)
+        rows = torch.cat([labels, torch.full_like(labels, self.null_class)]) if guided else labels  # (R,)
+        return batch_size, guided, rows
+
+    def sample_tokens(self, codes, given, start, rows, guided, pick, callback):
+        """The sampler's loop with KV caches: positions start..L-1 of codes (B, L, D), filled in place, one spatial
+        step per position and one depth step per token. pick(logits (R, V), i, j) -> the tokens (B,)."""
+        B, L, D = codes.shape
+        device = self.codebooks.device
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
         R = rows.shape[0]
         twice = (lambda t: t.repeat(2, *([1] * (t.dim() - 1)))) if guided else (lambda t: t)
         with autocast:
@@ -541,8 +550,20 @@ class RQTransformer(nn.Module):
                     x = twice(self.code_in(latent)).unsqueeze(1) + self.pos_embed[:, i + 1:i + 2]
             if callback is not None:
                 callback(i + 1, codes, self._not_generated(B, i, device) & ~given)
-        self.train(was_training)
-        return codes
+
+    def sample_tokens_uncached(self, codes, given, start, rows, guided, pick, callback):
+        """sample_tokens without caches: the full sequence through the model for every token (L·D full passes), the
+        reference the cached loop is tested against."""
+        B, L, D = codes.shape
+        device = self.codebooks.device
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        for i in range(start, L):
+            for j in range(D):
+                with autocast:
+                    logits = self.logits(codes.repeat(2, 1, 1) if guided else codes, rows)[:, i, j].float()
+                codes[:, i, j] = pick(logits, i, j)
+            if callback is not None:
+                callback(i + 1, codes, self._not_generated(B, i, device) & ~given)
 
     def _not_generated(self, batch, i, device):
         """(B, L, D) bool: the tokens of positions after i (those the sampler has not reached)."""
@@ -580,20 +601,10 @@ def checkpoint_arch(ckpt, path):
 
 
 def checkpoint_config(ckpt, path):
-    """The config a checkpoint was trained with, of its architecture (ResGen's: resgen.checkpoint_config)."""
+    """The config a checkpoint was trained with, of its architecture (resgen.config_from_checkpoint)."""
     if checkpoint_arch(ckpt, path) == "resgen":
         return resgen.checkpoint_config(ckpt, path)
-    if "config" not in ckpt:
-        raise UserError(f"{path} has no 'config' entry: not an RQ-Transformer training checkpoint")
-    config = dict(ckpt["config"])
-    unknown = sorted(set(config) - {f.name for f in fields(RQTransformerConfig)})
-    if unknown:
-        raise UserError(f"{path} has config fields {', '.join(unknown)} that this rqtransformer.py's "
-                        f"RQTransformerConfig lacks")
-    try:
-        return RQTransformerConfig(**config)
-    except TypeError as e:
-        raise UserError(f"{path}: config does not fit RQTransformerConfig ({e})")
+    return resgen.config_from_checkpoint(ckpt, path, RQTransformerConfig, "an RQ-Transformer")
 
 
 def _peek(path):
@@ -616,28 +627,9 @@ def load_model(path, ema=True, device="cpu"):
 
 
 def load_rqtransformer(path, ema=True, device="cpu"):
-    """RQTransformer from a train.py checkpoint, as resgen.load_resgen loads a ResGen."""
+    """RQTransformer from a train.py checkpoint, as resgen.load_resgen loads a ResGen (resgen.model_from_checkpoint)."""
     ckpt = load_checkpoint(path, "resgen")
     if checkpoint_arch(ckpt, path) != ARCH:
         raise UserError(f"{path} holds a {checkpoint_arch(ckpt, path)} model, not an RQ-Transformer")
-    if "model" not in ckpt:
-        raise UserError(f"{path} has no 'model' entry: not an RQ-Transformer training checkpoint")
-    config = checkpoint_config(ckpt, path)
-    model_state = strip_prefixes(ckpt["model"])
-    state = strip_prefixes(ckpt["ema"]) if ema and ckpt.get("ema") is not None else model_state
-    if "codebooks" not in state and "codebooks" in model_state:
-        state["codebooks"] = model_state["codebooks"]
-    model = RQTransformer(config, torch.zeros(config.depth, config.codebook_size, config.code_dim))
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or extra or shapes:
-        parts = ([f"missing in checkpoint: {', '.join(missing[:5])}"] if missing else []) + \
-                ([f"not in model: {', '.join(extra[:5])}"] if extra else []) + shapes[:5]
-        raise UserError(f"{path} does not match the model its config describes ({asdict(config)}): " + "; ".join(parts))
-    model.load_state_dict(state)
-    model.meta = ckpt.get("meta", {})
-    model.step = ckpt.get("step", 0)
-    return model.to(device).eval()
+    return resgen.model_from_checkpoint(ckpt, path, RQTransformer, RQTransformerConfig, "an RQ-Transformer", ema,
+                                        device)

@@ -22,7 +22,6 @@ model made are printed (and recorded by eval_fid.py). Its prompts continue a pre
 half given) on an image grid, --inpaint right on a sequence; any other prompt is one clear error.
 """
 import argparse
-import math
 import os
 import sys
 import time
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 
 from rqtransformer import ARCH, arch_of, load_model
-from tokenizer import (UserError, check_writable_dir, default_device, file_hash, load_code_cache, load_tokenizer,
+from tokenizer import (DEVICE_HELP, UserError, check_writable_dir, default_device, file_hash, load_code_cache, load_tokenizer,
                        parse_device, real_images, run_cli, save_grid, save_npy, spread_indices, to_float, to_uint8)
 
 # Sampler defaults, shared by sample.py and eval_fid.py (the paper's Fig. 3 knobs).
@@ -59,16 +58,20 @@ def add_sampler_args(p):
                    "from re-quantising the drawn embedding (requantized)")
     p.add_argument("--confidence", default=d["confidence"], choices=["requantizer", "pi"],
                    help="MoG head: the confidence of depth p's token, the re-quantiser's log-probability or log pi_v")
-    p.add_argument("--top-k", type=int, default=d["top_k"], help="RQ-Transformer: keep the k most likely codes (0 = all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default=default_device())
-    p.add_argument("--compile", action="store_true", help="torch.compile the transformer and the re-quantiser "
-                   "(CUDA graphs on a GPU): pays over many samples, not for one grid (BENCHMARKS.md 6)")
+    p.add_argument("--top-k", type=int, default=d["top_k"], help="RQ-Transformer only: keep the k most likely codes "
+                   "(0 = all); an error for ResGen")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler (same seed, same samples)")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per generate() call (eval_fid.py: also images per "
+                   "Inception batch)")
+    p.add_argument("--device", default=default_device(), help=DEVICE_HELP)
+    p.add_argument("--compile", action="store_true", help="ResGen only: torch.compile the transformer and the "
+                   "re-quantiser (ResGen.compile_sampler; CUDA graphs on a GPU): pays over many samples, not for one "
+                   "grid (BENCHMARKS.md 6)")
     p.add_argument("--classes", default=None, help="comma-separated class labels, cycled (default: balanced; with a "
                    "prompt, the real images' labels); 'null' is the null class (unconditional)")
     p.add_argument("--inpaint", default=None, choices=INPAINT_REGIONS,
-                   help="prompted: keep real images' codes except in this region, and regenerate it")
+                   help="prompted: keep real images' codes except in this region, and regenerate it (centre: the "
+                   "middle half of each side; border: the rest); with --keep-depth, depths 1..d inside it are kept")
     p.add_argument("--keep-depth", type=int, default=0,
                    help="prompted: keep depths 1..d of real images' codes, regenerate the finer depths")
 
@@ -312,7 +315,7 @@ def grid_by_class(images, labels):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Sample a PNG grid (and an ADM-style .npz, or the codes) from a ResGen "
                                             "checkpoint; with --inpaint / --keep-depth, complete real items' codes.")
-    p.add_argument("--ckpt", default="runs/resgen/last.pt")
+    p.add_argument("--ckpt", default="runs/resgen/last.pt", help="a ResGen or RQ-Transformer checkpoint (train.py)")
     p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: the one named in the checkpoint)")
     p.add_argument("--n", type=int, default=64, help="number of samples (prompted: of real items, one completion each)")
     p.add_argument("--out", default=None, help="the PNG (default samples.png; none when only --codes-out is given)")

@@ -1145,20 +1145,22 @@ def test_load_resgen_roundtrip_and_mismatch(tmp_path):
         resgen.load_resgen(str(path))
 
 
-@pytest.mark.parametrize("retired,cause", [(dict(scales="isotropic", log_scale_max=2.0, mixtures=16), "earlier MoG head"),
-                                           (dict(mixtures=256, mean_rank=0), "free-means MoG head")])
-def test_checkpoint_of_an_earlier_mog_head_names_the_cause(tmp_path, retired, cause):
-    """A checkpoint of an earlier MoG head (the per-component-sigma head: `scales`, `log_scale_max`; the free-means
-    head: `mixtures`, `mean_rank`) is refused with a line that says which; a token-head checkpoint of that time
-    never used those fields and still loads."""
-    m = tiny_model(L=4, D=2, head="tokens")
-    old = dict(asdict(m.config), **retired)
+@pytest.mark.parametrize("head", ["mog", "tokens"])
+def test_checkpoint_with_unknown_config_fields_is_refused(tmp_path, head):
+    """A checkpoint whose config has fields this ResGenConfig lacks (an earlier MoG head's `scales`, `log_scale_max`
+    or `mixtures`, `mean_rank`), whatever its head, is refused with the one line that names them: load_resgen
+    raises it as a UserError, sample.py prints it and exits non-zero, without a traceback."""
+    m = tiny_model(L=4, D=2, head=head)
     path = tmp_path / "last.pt"
-    tokenizer.save_checkpoint({"kind": "resgen", "config": old, "model": m.state_dict(), "ema": None}, path)
-    assert resgen.load_resgen(str(path)).config == m.config
-    tokenizer.save_checkpoint({"kind": "resgen", "config": dict(old, head="mog"), "model": m.state_dict()}, path)
-    with pytest.raises(tokenizer.UserError, match=cause):
-        resgen.load_resgen(str(path))
+    for old in (dict(scales="isotropic", log_scale_max=2.0), dict(mixtures=256, mean_rank=0)):
+        tokenizer.save_checkpoint({"kind": "resgen", "config": dict(asdict(m.config), **old),
+                                   "model": m.state_dict(), "ema": None}, path)
+        lacks = f"config fields {', '.join(sorted(old))} that this resgen.py's ResGenConfig lacks"
+        with pytest.raises(tokenizer.UserError, match=lacks):
+            resgen.load_resgen(str(path))
+    p = run_cmd("sample.py", "--ckpt", str(path), "--n", "2", "--out", str(tmp_path / "s.png"), check=False)
+    assert_clean_error(p)
+    assert lacks in p.stderr and not (tmp_path / "s.png").exists()
 
 
 def test_sizes():

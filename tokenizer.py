@@ -24,7 +24,7 @@ import struct
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -128,6 +128,9 @@ def check_writable_dir(path):
 
 def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+DEVICE_HELP = "torch device: cpu, cuda or cuda:N (default: cuda when there is one, else cpu)"
 
 
 def parse_device(name):
@@ -901,15 +904,8 @@ def psnr_by_depth(tok, images, batch_size=256):
             "used": (counts > 0).double().mean(-1).tolist()}
 
 
-def cmd_train(args):
-    rank, world = setup_dist()
-    if args.steps < 1:
-        raise UserError(f"--steps must be >= 1 (got {args.steps})")
-    if args.batch_size < 1 or args.batch_size % world:
-        raise UserError(f"--batch-size must be a positive multiple of the number of processes ({world})")
-    device = parse_device(args.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+def tokenizer_config(args):
+    """The RVQ-VAE's architecture as a dict: --config's, with the flags that override it, checked."""
     if args.config not in CONFIGS:
         raise UserError(f"unknown --config {args.config!r} (choose from {', '.join(CONFIGS)})")
     overrides = {k: v for k, v in dict(depth=args.depth, codebook_size=args.codebook_size, code_dim=args.code_dim,
@@ -923,6 +919,60 @@ def cmd_train(args):
         raise UserError(f"--commit-weight must be >= 0 (got {args.commit_weight})")
     if base["codebook_size"] > 65536:
         raise UserError("--codebook-size must be <= 65536 (code caches store uint16)")
+    return base
+
+
+def tokenizer_batch(ds, step, args, rank, world, device):
+    """This rank's images of the global batch of `step`, in [-1, 1]. The order is a pure function of (seed, epoch):
+    resuming at any step replays the same batches."""
+    n, per_rank = len(ds), args.batch_size // world
+    epoch, pos = divmod(step, max(1, n // args.batch_size))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 1000003 + epoch))
+    idx = perm[pos * args.batch_size:(pos + 1) * args.batch_size]
+    if len(idx) < args.batch_size:  # fewer images than one batch: sample with replacement
+        idx = torch.randint(0, n, (args.batch_size,), generator=torch.Generator().manual_seed(args.seed + step))
+    idx = idx[rank * per_rank:(rank + 1) * per_rank]
+    return to_float(torch.stack([ds[int(i)][0] for i in idx])).to(device)
+
+
+def save_tokenizer(tok, opt, ds, step, args, num_classes, path):
+    """last.pt; the one written at --steps first measures the latent scale s on the training images (DESIGN.md §4.1),
+    once training has ended."""
+    if step == args.steps:
+        tok.eval()
+        imgs = np.stack([ds[i][0].numpy() for i in range(min(len(ds), 5000))])
+        tok.scale.fill_(measure_latent_scale(tok, imgs))
+        tok.train()
+    save_checkpoint({"kind": "tokenizer", "config": asdict(tok.cfg), "model": tok.state_dict(),
+                     "optimizer": opt.state_dict(), "step": step, "num_classes": num_classes,
+                     "args": vars(args)}, path)
+
+
+def resume_tokenizer(path, tok, opt, rank):
+    """Model and optimiser from last.pt when it exists; returns the step to go on from (0: a new run)."""
+    if not os.path.exists(path):
+        return 0
+    ckpt = load_checkpoint(path, "tokenizer")
+    if ckpt["config"] != asdict(tok.cfg):
+        raise UserError(f"{path} was trained with another configuration; use a new --out")
+    tok.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    if rank == 0:
+        print(f"resuming from {path} at step {ckpt['step']}", flush=True)
+    return ckpt["step"]
+
+
+def cmd_train(args):
+    """`train`: the RVQ-VAE on images, single process or torchrun DDP, resumed from OUT/last.pt when it exists."""
+    rank, world = setup_dist()
+    if args.steps < 1:
+        raise UserError(f"--steps must be >= 1 (got {args.steps})")
+    if args.batch_size < 1 or args.batch_size % world:
+        raise UserError(f"--batch-size must be a positive multiple of the number of processes ({world})")
+    device = parse_device(args.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    base = tokenizer_config(args)
     ds, num_classes = open_images(args.data, "train", args.data_dir, args.image_size or base["image_size"], args.limit)
     cfg = TokenizerConfig(**fit_to_images(base, ds[0][0].shape, args.grid))
     if rank == 0:
@@ -930,35 +980,16 @@ def cmd_train(args):
     torch.manual_seed(args.seed)
     tok = Tokenizer(cfg).to(device)
     opt = torch.optim.AdamW(tok.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    step = 0
     ckpt_path = os.path.join(args.out, "last.pt")
-    if os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path, "tokenizer")
-        if ckpt["config"] != asdict(cfg):
-            raise UserError(f"{ckpt_path} was trained with another configuration; use a new --out")
-        tok.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        if rank == 0:
-            print(f"resuming from {ckpt_path} at step {step}", flush=True)
+    step = resume_tokenizer(ckpt_path, tok, opt, rank)
     model = tok
     if world > 1:
         model = nn.parallel.DistributedDataParallel(tok, broadcast_buffers=False)
-    per_rank = args.batch_size // world
-    n = len(ds)
-    steps_per_epoch = max(1, n // args.batch_size)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     t0, last_log, start_step = time.time(), step, step
     tok.train()
     while step < args.steps:
-        # the data order is a pure function of (seed, epoch): resuming at any step replays the same batches
-        epoch, pos = divmod(step, steps_per_epoch)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 1000003 + epoch))
-        idx = perm[pos * args.batch_size:(pos + 1) * args.batch_size]
-        if len(idx) < args.batch_size:  # fewer images than one batch: sample with replacement
-            idx = torch.randint(0, n, (args.batch_size,), generator=torch.Generator().manual_seed(args.seed + step))
-        idx = idx[rank * per_rank:(rank + 1) * per_rank]
-        x = to_float(torch.stack([ds[int(i)][0] for i in idx])).to(device)
+        x = tokenizer_batch(ds, step, args, rank, world, device)
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.5 * (1 + math.cos(math.pi * step / args.steps)) * 0.9 + 0.1)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -977,15 +1008,7 @@ def cmd_train(args):
             print(f"step {step:6d} | loss {loss.item():.4f} | psnr {psnr:5.2f} dB | commit {stats['commit'].item():.4f} | "
                   f"perplexity/depth {' '.join(f'{p:.0f}' for p in perp)} | {rate:.2f} steps/s", flush=True)
         if rank == 0 and (step % args.ckpt_every == 0 or step == args.steps):
-            if step == args.steps:
-                # s is measured on training images once training ends (DESIGN.md §4.1)
-                tok.eval()
-                imgs = np.stack([ds[i][0].numpy() for i in range(min(n, 5000))])
-                tok.scale.fill_(measure_latent_scale(tok, imgs))
-                tok.train()
-            save_checkpoint({"kind": "tokenizer", "config": asdict(cfg), "model": tok.state_dict(),
-                             "optimizer": opt.state_dict(), "step": step, "num_classes": num_classes,
-                             "args": vars(args)}, ckpt_path)
+            save_tokenizer(tok, opt, ds, step, args, num_classes, ckpt_path)
     if rank == 0:
         done = f"saved {ckpt_path}" if step > start_step else f"{ckpt_path} is already at --steps; nothing to train"
         print(f"{done} (step {step}, latent scale s = {tok.latent_scale:.4f})", flush=True)
@@ -1064,12 +1087,13 @@ def main(argv=None):
         q.add_argument("--data", default="fashion_mnist", help="'fashion_mnist' or an ImageNet-style folder of class folders")
         q.add_argument("--data-dir", default=None, help=f"folder of the Fashion-MNIST IDX files (default {FASHION_MNIST_DIR})")
         q.add_argument("--limit", type=int, default=None, help="use only the first N images")
-        q.add_argument("--device", default=default_device())
+        q.add_argument("--device", default=default_device(), help=DEVICE_HELP)
 
     t = sub.add_parser("train", help="train the RVQ-VAE")
     data_args(t)
-    t.add_argument("--out", default="runs/tokenizer")
-    t.add_argument("--config", default="fmnist", help=f"named configuration: {', '.join(CONFIGS)}")
+    t.add_argument("--out", default="runs/tokenizer", help="run folder for last.pt (rerunning resumes from it)")
+    t.add_argument("--config", default="fmnist", help=f"named architecture: {', '.join(CONFIGS)} (channels follow "
+                   "the data)")
     t.add_argument("--image-size", type=int, default=None, help="resize folder images to this size (default: the config's)")
     t.add_argument("--grid", type=int, default=None,
                    help="h = w of the code grid, image size / a power of 2 (default: the config's downsampling)")
@@ -1079,27 +1103,29 @@ def main(argv=None):
     t.add_argument("--shared-codebook", action="store_true", help="one codebook for all depths")
     t.add_argument("--commit-weight", type=float, default=None,
                    help="beta of the cumulative commitment loss (default: the config's, 0.25)")
-    t.add_argument("--steps", type=int, default=600)
+    t.add_argument("--steps", type=int, default=600, help="optimiser steps")
     t.add_argument("--batch-size", type=int, default=128, help="global batch (split over torchrun processes)")
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--warmup", type=int, default=50)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--log-every", type=int, default=100)
-    t.add_argument("--ckpt-every", type=int, default=1000)
+    t.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (cosine decay to 10%%)")
+    t.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
+    t.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
+    t.add_argument("--log-every", type=int, default=100, help="steps between log lines")
+    t.add_argument("--ckpt-every", type=int, default=1000, help="steps between checkpoints (and one at --steps, "
+                   "with the latent scale s)")
 
     e = sub.add_parser("encode", help="encode a split into a code cache (codes.npy, labels.npy, meta.json)")
     data_args(e)
-    e.add_argument("--ckpt", default="runs/tokenizer/last.pt")
-    e.add_argument("--split", default="train", choices=["train", "test"])
-    e.add_argument("--out", required=True)
-    e.add_argument("--batch-size", type=int, default=500)
+    e.add_argument("--ckpt", default="runs/tokenizer/last.pt", help="tokenizer checkpoint")
+    e.add_argument("--split", default="train", choices=["train", "test"], help="the split to encode")
+    e.add_argument("--out", required=True, help="code cache folder: codes.npy, labels.npy, meta.json")
+    e.add_argument("--batch-size", type=int, default=500, help="images per encoder pass")
     e.add_argument("--workers", type=int, default=0, help="DataLoader workers (image folders)")
 
     r = sub.add_parser("reconstruct", help="PSNR and code usage per depth, and a coarse-to-fine picture")
     data_args(r)
-    r.add_argument("--ckpt", default="runs/tokenizer/last.pt")
-    r.add_argument("--split", default="test", choices=["train", "test"])
-    r.add_argument("--out", default="recon.png")
+    r.add_argument("--ckpt", default="runs/tokenizer/last.pt", help="tokenizer checkpoint")
+    r.add_argument("--split", default="test", choices=["train", "test"], help="the split to reconstruct")
+    r.add_argument("--out", default="recon.png", help="the picture: originals, then decodes from depths 1..d for "
+                   "d = 1..D")
     r.add_argument("--show", type=int, default=8, help="images in the picture")
 
     args = p.parse_args(argv)

@@ -33,7 +33,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -44,9 +44,9 @@ import resgen
 import rqtransformer
 from resgen import HEADS, ResGen, sample_mask
 from rqtransformer import ARCHS, RQTransformer, arch_of, checkpoint_arch, checkpoint_config
-from tokenizer import (UserError, check_writable_dir, code_range, default_device, file_hash, load_cache_codebooks,
-                       load_checkpoint, load_code_cache, load_tokenizer, parse_device, run_cli, save_checkpoint,
-                       setup_dist, teardown_dist)
+from tokenizer import (DEVICE_HELP, UserError, check_writable_dir, code_range, default_device, file_hash,
+                       load_cache_codebooks, load_checkpoint, load_code_cache, load_tokenizer, parse_device, run_cli,
+                       save_checkpoint, setup_dist, teardown_dist)
 
 
 #################################################################################
@@ -225,25 +225,66 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+#################################################################################
+#                                  Command line                                 #
+#################################################################################
+
 HEAD_FLAGS = ("components_per_code", "head_layers", "classification_weight", "log_scale_min")
 
 
-def build_config(args, meta):
-    """The model's config (of --arch) from the flags and the code cache's meta.json."""
-    data = dict(length=int(np.prod(meta["grid"])), depth=meta["depth"], codebook_size=meta["codebook_size"],
-                code_dim=meta["code_dim"], num_classes=meta["num_classes"], label_dropout=args.label_dropout)
-    if args.arch == rqtransformer.ARCH:
-        return rqtransformer.make_config(args.model, **data)
-    head = {k: getattr(args, k) for k in HEAD_FLAGS if getattr(args, k) is not None}
-    return resgen.make_config(args.model, head=args.head, **data, **head)
-
-
-def build_model(config, codebooks):
-    """ResGen or RQTransformer, whichever the config is of."""
-    return (RQTransformer if arch_of(config) == rqtransformer.ARCH else ResGen)(config, codebooks)
+def parse_args(argv=None):
+    """train.py's flags (the module docstring has the commands)."""
+    p = argparse.ArgumentParser(description="Train ResGen on cached RVQ codes.",
+                                epilog="SIGTERM or SIGINT finishes the current step, writes last.pt and exits with 128 + "
+                                       "the signal (143, 130); rerun the same command to continue. Under torchrun the "
+                                       f"ranks agree on the stop every {STOP_EVERY} steps: the grace period before "
+                                       "SIGKILL (torchrun's --shutdown-timeout, 30 s by default) must cover that many "
+                                       "steps and one checkpoint write.")
+    p.add_argument("--data", default="imagenet_latents",
+                   help="code cache folder (tokenizer.py encode, or tokenizer.save_code_cache)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: the one named in meta.json)")
+    p.add_argument("--out", default="runs/resgen", help="run folder: last.pt, log.jsonl, samples")
+    p.add_argument("--arch", default="resgen", help="resgen (the paper's model) or rqtransformer (the autoregressive "
+                   "baseline of its Table 2, rqtransformer.py)")
+    p.add_argument("--model", default="xl", help=f"size: {', '.join(resgen.SIZES)} (xl = the paper's 574M; the "
+                   "RQ-Transformer's sizes match their parameter counts)")
+    p.add_argument("--head", default="mog", help="mog: cumulative embedding (the paper); tokens: the ablation")
+    # the MoG head's knobs; each defaults to ResGenConfig's
+    p.add_argument("--components-per-code", type=int, default=None,
+                   help="M, MoG components per code of the first masked depth (K = V*M)")
+    p.add_argument("--head-layers", type=int, default=None, help="gated-MLP blocks in the MoG head")
+    p.add_argument("--classification-weight", type=float, default=None,
+                   help="lambda on the MoG head's classification term (-1: the code dimension c)")
+    p.add_argument("--log-scale-min", type=float, default=None, help="floor of the MoG head's log-scale s "
+                   "(sigma = e^s)")
+    p.add_argument("--steps", type=int, default=400_000, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, default=256, help="global batch (all processes, all micro-batches)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (for large global batches)")
+    p.add_argument("--lr", type=float, default=4e-4, help="peak AdamW learning rate (MAR: 8e-4 at batch 2048)")
+    p.add_argument("--warmup", type=int, default=1000, help="linear warm-up steps")
+    p.add_argument("--decay", default="constant", choices=["constant", "cosine"],
+                   help="after warm-up: constant, or cosine to 10%% of --lr at --steps")
+    p.add_argument("--weight-decay", type=float, default=0.02,
+                   help="AdamW weight decay of the weight matrices (none on embeddings, biases, norms)")
+    p.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2 (0.95, as MAR and VAR)")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
+    p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA of weights (warmed up: min(decay, (1+t)/(10+t)))")
+    p.add_argument("--label-dropout", type=float, default=0.1, help="p of the null class in training (CFG)")
+    p.add_argument("--device", default=default_device(), help=DEVICE_HELP)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, the data order, masks and "
+                   "label drops")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="stop after this many seconds of training, with a checkpoint (run again to resume)")
+    p.add_argument("--log-every", type=int, default=100, help="steps between log lines (stdout and OUT/log.jsonl)")
+    p.add_argument("--ckpt-every", type=int, default=5000, help="steps between checkpoints (OUT/last.pt; also at the "
+                   "end and at a stop)")
+    p.add_argument("--sample-every", type=int, default=0, help="write a small sample grid every N steps (0: off)")
+    return p.parse_args(argv)
 
 
 def validate(args, world):
+    """One clear UserError for a bad flag value, before any work."""
     for k in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "components_per_code"):
         if getattr(args, k) is not None and getattr(args, k) < 1:
             raise UserError(f"--{k.replace('_', '-')} must be >= 1 (got {getattr(args, k)})")
@@ -270,45 +311,12 @@ def validate(args, world):
                         f"({world} x {args.grad_accum})")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Train ResGen on cached RVQ codes.")
-    p.add_argument("--data", default="imagenet_latents",
-                   help="code cache folder (tokenizer.py encode, or tokenizer.save_code_cache)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: the one named in meta.json)")
-    p.add_argument("--out", default="runs/resgen", help="run folder: last.pt, log.jsonl, samples")
-    p.add_argument("--arch", default="resgen", help="resgen (the paper's model) or rqtransformer (the autoregressive "
-                   "baseline of its Table 2, rqtransformer.py)")
-    p.add_argument("--model", default="xl", help=f"size: {', '.join(resgen.SIZES)} (xl = the paper's 574M; the "
-                   "RQ-Transformer's sizes match their parameter counts)")
-    p.add_argument("--head", default="mog", help="mog: cumulative embedding (the paper); tokens: the ablation")
-    # the MoG head's knobs; each defaults to ResGenConfig's
-    p.add_argument("--components-per-code", type=int, default=None,
-                   help="M, MoG components per code of the first masked depth (K = V*M)")
-    p.add_argument("--head-layers", type=int, default=None, help="gated-MLP blocks in the MoG head")
-    p.add_argument("--classification-weight", type=float, default=None,
-                   help="lambda on the MoG head's classification term (-1: the code dimension c)")
-    p.add_argument("--log-scale-min", type=float, default=None, help="floor of the MoG head's log-scale s")
-    p.add_argument("--steps", type=int, default=400_000, help="optimiser steps")
-    p.add_argument("--batch-size", type=int, default=256, help="global batch (all processes, all micro-batches)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (for large global batches)")
-    p.add_argument("--lr", type=float, default=4e-4, help="peak AdamW learning rate (MAR: 8e-4 at batch 2048)")
-    p.add_argument("--warmup", type=int, default=1000, help="linear warm-up steps")
-    p.add_argument("--decay", default="constant", choices=["constant", "cosine"], help="after warm-up")
-    p.add_argument("--weight-decay", type=float, default=0.02)
-    p.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2 (0.95, as MAR and VAR)")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
-    p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA of weights (warmed up: min(decay, (1+t)/(10+t)))")
-    p.add_argument("--label-dropout", type=float, default=0.1, help="p of the null class in training (CFG)")
-    p.add_argument("--device", default=default_device())
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--time-limit", type=float, default=None,
-                   help="stop after this many seconds of training, with a checkpoint (run again to resume)")
-    p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--ckpt-every", type=int, default=5000)
-    p.add_argument("--sample-every", type=int, default=0, help="write a small sample grid every N steps (0: off)")
-    args = p.parse_args(argv)
+#################################################################################
+#                  Set-up: process, model, checkpoint to resume                 #
+#################################################################################
 
+def setup(args):
+    """This process's place in the run (rank, world size) and its device, once the flags are checked."""
     rank, world = setup_dist()
     validate(args, world)
     device = parse_device(args.device)
@@ -316,23 +324,44 @@ def main(argv=None):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    codes, labels, meta = load_code_cache(args.data)
-    check_codes_in_range(codes, meta["codebook_size"])
-    config = build_config(args, meta)
-    ckpt_path = os.path.join(args.out, "last.pt")
-    ckpt = None
-    if os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path, "resgen")
-        if checkpoint_arch(ckpt, ckpt_path) != args.arch:
-            raise UserError(f"{ckpt_path} holds a {checkpoint_arch(ckpt, ckpt_path)} model, not --arch {args.arch}; "
-                            f"use another --out")
-        if asdict(checkpoint_config(ckpt, ckpt_path)) != asdict(config):
-            raise UserError(f"{ckpt_path} holds a model {ckpt.get('config')} but these flags and data give "
-                            f"{asdict(config)}; use another --out")
-        if codes_origin(ckpt["meta"]) != codes_origin(meta):
-            raise UserError(f"{ckpt_path} was trained on codes of {codes_origin(ckpt['meta'])}, "
-                            f"--data holds codes of {codes_origin(meta)}")
-    codebooks = codebooks_for(args.data, meta, args.tokenizer)
+    return rank, world, device
+
+
+def build_config(args, meta):
+    """The model's config (of --arch) from the flags and the code cache's meta.json."""
+    data = dict(length=int(np.prod(meta["grid"])), depth=meta["depth"], codebook_size=meta["codebook_size"],
+                code_dim=meta["code_dim"], num_classes=meta["num_classes"], label_dropout=args.label_dropout)
+    if args.arch == rqtransformer.ARCH:
+        return rqtransformer.make_config(args.model, **data)
+    head = {k: getattr(args, k) for k in HEAD_FLAGS if getattr(args, k) is not None}
+    return resgen.make_config(args.model, head=args.head, **data, **head)
+
+
+def build_model(config, codebooks):
+    """ResGen or RQTransformer, whichever the config is of."""
+    return (RQTransformer if arch_of(config) == rqtransformer.ARCH else ResGen)(config, codebooks)
+
+
+def checkpoint_to_resume(ckpt_path, args, config, meta):
+    """OUT/last.pt when it exists, else None. A checkpoint of another model (architecture, config) or of other codes
+    is a UserError: resuming it would silently train something else than these flags and data describe."""
+    if not os.path.exists(ckpt_path):
+        return None
+    ckpt = load_checkpoint(ckpt_path, "resgen")
+    if checkpoint_arch(ckpt, ckpt_path) != args.arch:
+        raise UserError(f"{ckpt_path} holds a {checkpoint_arch(ckpt, ckpt_path)} model, not --arch {args.arch}; "
+                        f"use another --out")
+    if asdict(checkpoint_config(ckpt, ckpt_path)) != asdict(config):
+        raise UserError(f"{ckpt_path} holds a model {ckpt.get('config')} but these flags and data give "
+                        f"{asdict(config)}; use another --out")
+    if codes_origin(ckpt["meta"]) != codes_origin(meta):
+        raise UserError(f"{ckpt_path} was trained on codes of {codes_origin(ckpt['meta'])}, "
+                        f"--data holds codes of {codes_origin(meta)}")
+    return ckpt
+
+
+def prepare_out(args, meta, rank):
+    """Check the run folder before any work (the last of the input checks), and clear what a kill left there."""
     if args.sample_every and not (args.tokenizer or meta.get("tokenizer")):
         raise UserError("--sample-every decodes pictures: this cache names no tokenizer, pass --tokenizer")
     if rank == 0:
@@ -340,126 +369,145 @@ def main(argv=None):
         for stale in glob.glob(os.path.join(args.out, ".tmp-*")):  # left by a kill during a write
             os.unlink(stale)
 
-    torch.manual_seed(args.seed + rank)  # per-rank seeds for anything else random (dropout); masks: step_noise
-    model = build_model(config, codebooks).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
+
+def build_optimizer(model, args, device):
+    """AdamW; weight decay on the weight matrices only (not on embeddings, biases and norms)."""
     decay_params = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     other_params = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay_params, "weight_decay": args.weight_decay},
-                             {"params": other_params, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, args.beta2), fused=device.type == "cuda")
-    step = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        set_rng_state(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)], device)
-    log_path = os.path.join(args.out, "log.jsonl")
-    if rank == 0:
-        # keep the log in step with the checkpoint: lines written after it by a killed run are dropped
-        lines = []
-        if os.path.exists(log_path):
-            with open(log_path) as f:
-                lines = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
-        with open(log_path, "w") as f:
-            f.writelines(lines)
-        name = f"RQ-Transformer {args.model}" if args.arch == rqtransformer.ARCH else f"ResGen {args.model} ({args.head} head)"
-        print(f"{name}: {model.num_params() / 1e6:.2f}M parameters, L={config.length}, "
-              f"D={config.depth}, V={config.codebook_size}, {len(codes)} training grids, {world} process(es) on "
-              f"{device.type}" + (f"; resuming at step {step}" if step else ""), flush=True)
+    return torch.optim.AdamW([{"params": decay_params, "weight_decay": args.weight_decay},
+                              {"params": other_params, "weight_decay": 0.0}],
+                             lr=args.lr, betas=(0.9, args.beta2), fused=device.type == "cuda")
 
-    train_model = model
-    if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        train_model = torch.compile(train_model)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+def restore(ckpt, model, ema, opt, rank, device):
+    """Model, EMA, optimiser and this rank's RNG state from last.pt; returns the step to go on from."""
+    model.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)], device)
+    return ckpt["step"]
+
+
+#################################################################################
+#                                The training loop                              #
+#################################################################################
+
+@dataclass
+class Run:
+    """What the stages of one training process share: its flags, its place in the run, the data and the models."""
+    args: argparse.Namespace
+    rank: int
+    world: int
+    device: torch.device
+    config: object               # ResGenConfig or RQTransformerConfig
+    meta: dict                   # the code cache's meta.json
+    codes: np.ndarray            # (N, L, D) or (N, h, w, D), memory-mapped
+    labels: np.ndarray           # (N,)
+    model: nn.Module
+    ema: nn.Module
+    opt: torch.optim.Optimizer
+    ckpt_path: str               # OUT/last.pt
+    log_path: str                # OUT/log.jsonl
+
+
+class Progress:
+    """Steps per second since the last log line, and the time left at the rate since this process started."""
+
+    def __init__(self, step):
+        self.start_time = self.t0 = time.time()
+        self.start_step = self.last_step = step
+
+    def update(self, step, steps):
+        """(steps/s since the last call, seconds left to `steps`)."""
+        now = time.time()
+        rate = (step - self.last_step) / max(now - self.t0, 1e-9)
+        self.t0, self.last_step = now, step
+        eta = (steps - step) / max((step - self.start_step) / (now - self.start_time), 1e-9)
+        return rate, eta
+
+
+def start_log(run, step):
+    """Rank 0: trim log.jsonl to the checkpoint's step and say what is trained."""
+    # keep the log in step with the checkpoint: lines written after it by a killed run are dropped
+    lines = []
+    if os.path.exists(run.log_path):
+        with open(run.log_path) as f:
+            lines = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
+    with open(run.log_path, "w") as f:
+        f.writelines(lines)
+    args, config = run.args, run.config
+    name = (f"RQ-Transformer {args.model}" if args.arch == rqtransformer.ARCH
+            else f"ResGen {args.model} ({args.head} head)")
+    print(f"{name}: {run.model.num_params() / 1e6:.2f}M parameters, L={config.length}, "
+          f"D={config.depth}, V={config.codebook_size}, {len(run.codes)} training grids, {run.world} process(es) on "
+          f"{run.device.type}" + (f"; resuming at step {step}" if step else ""), flush=True)
+
+
+def train_step(run, train_model, autocast, step):
+    """One optimiser step on the global batch of `step`: this rank's rows of it in --grad-accum micro-batches, then
+    the clipped AdamW update. Returns (lr, this rank's summed micro-batch losses, the last one's stats, grad norm)."""
+    args, world, device = run.args, run.world, run.device
+    lr = lr_at(step, args)
+    for g in run.opt.param_groups:
+        g["lr"] = lr
+    idx = batch_indices(step, len(run.codes), args.batch_size, args.seed)
+    mask, drop = step_noise(step, args, run.config, device)  # (B_global, L, D), (B_global,)
     micro = args.batch_size // (world * args.grad_accum)
-    tokens_per_step = args.batch_size * config.length * config.depth
-    t0, last_step = time.time(), step
-    start_time, start_step = time.time(), step
-    model.train()
-    signum, out_of_time = 0, False
-    # From here to the end, SIGTERM / SIGINT stop the run at the end of a step, with a checkpoint: all ranks hold
-    # the handlers until after the last collective (teardown_dist), so none dies while rank 0 still writes.
-    with StopSignals() as stop:
-        while step < args.steps:
-            lr = lr_at(step, args)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            idx = batch_indices(step, len(codes), args.batch_size, args.seed)
-            mask, drop = step_noise(step, args, config, device)  # (B_global, L, D), (B_global,)
-            mine = slice(rank * micro * args.grad_accum, (rank + 1) * micro * args.grad_accum)
-            # Every micro-batch's loss is its sum over scored terms divided by the global batch's count / world: the
-            # gradient DDP averages is then exactly that of one mean over the global batch, whatever the split.
-            count = model.head.scored(mask).float().clamp_min(1.0) / world
-            idx, mask, drop = idx[mine], mask[mine], drop[mine]
-            loss_sum = torch.zeros((), device=device)
-            for m in range(args.grad_accum):
-                part = slice(m * micro, (m + 1) * micro)
-                x, y = load_batch(codes, labels, idx[part], device)
-                sync = m == args.grad_accum - 1 or world == 1
-                ctx = train_model.no_sync() if not sync and hasattr(train_model, "no_sync") else torch.enable_grad()
-                with ctx, autocast:
-                    loss, stats = train_model(x, y, mask=mask[part], drop=drop[part], count=count)
-                    loss.backward()
-                loss_sum += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            update_ema(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))
-            # one process reads its signal flag after every step; torchrun ranks agree every STOP_EVERY steps, and
-            # the time limit (rank 0's clock) is looked at every STOP_EVERY steps in both cases
-            if world == 1 or step % STOP_EVERY == 0:
-                up = rank == 0 and step % STOP_EVERY == 0 and time_is_up(start_time, args.time_limit)
-                signum, out_of_time = agree_to_stop(stop.signum, up, world, device)
-            last = step == args.steps or out_of_time or signum > 0
+    mine = slice(run.rank * micro * args.grad_accum, (run.rank + 1) * micro * args.grad_accum)
+    # Every micro-batch's loss is its sum over scored terms divided by the global batch's count / world: the
+    # gradient DDP averages is then exactly that of one mean over the global batch, whatever the split.
+    count = run.model.head.scored(mask).float().clamp_min(1.0) / world
+    idx, mask, drop = idx[mine], mask[mine], drop[mine]
+    loss_sum = torch.zeros((), device=device)
+    for m in range(args.grad_accum):
+        part = slice(m * micro, (m + 1) * micro)
+        x, y = load_batch(run.codes, run.labels, idx[part], device)
+        sync = m == args.grad_accum - 1 or world == 1
+        ctx = train_model.no_sync() if not sync and hasattr(train_model, "no_sync") else torch.enable_grad()
+        with ctx, autocast:
+            loss, stats = train_model(x, y, mask=mask[part], drop=drop[part], count=count)
+            loss.backward()
+        loss_sum += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.clip)
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    return lr, loss_sum, stats, grad_norm
 
-            if step % args.log_every == 0 or last:
-                if world > 1:
-                    dist.all_reduce(loss_sum)
-                    loss_sum /= world
-                if rank == 0:
-                    now = time.time()
-                    rate = (step - last_step) / max(now - t0, 1e-9)
-                    t0, last_step = now, step
-                    eta = (args.steps - step) / max((step - start_step) / (now - start_time), 1e-9)
-                    rec = {"step": step, "loss": round(loss_sum.item(), 6), "lr": lr,
-                           "grad_norm": round(grad_norm.item(), 4), "steps_per_s": round(rate, 3),
-                           "tokens_per_s": round(rate * tokens_per_step), **{k: round(v.item(), 4) for k, v in stats.items()}}
-                    unit = "nats/dim" if getattr(config, "head", None) == "mog" else "nats/token"
-                    print(f"step {step:7d} | loss {rec['loss']:.4f} {unit} | lr {lr:.2e} | grad {rec['grad_norm']:.3f} | "
-                          f"{rate:.2f} steps/s | {rec['tokens_per_s']:,} tokens/s | ETA {eta / 60:.1f} min", flush=True)
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
-            if rank == 0 and args.sample_every and step % args.sample_every == 0:
-                write_sample_grid(ema, meta, args, step, device)
-            if step % args.ckpt_every == 0 or last:
-                rngs = [rng_state(device)]
-                if world > 1:  # every rank's RNG state, so masks and label drops resume exactly
-                    rngs = [None] * world
-                    dist.all_gather_object(rngs, rng_state(device))
-                if rank == 0:
-                    save_checkpoint({"kind": "resgen", "arch": args.arch, "config": asdict(config),
-                                     "model": model.state_dict(), "ema": ema.state_dict(),
-                                     "optimizer": opt.state_dict(), "step": step,
-                                     "data_position": step * args.batch_size, "rng": rngs, "meta": meta,
-                                     "args": vars(args)}, ckpt_path)
-            if out_of_time and rank == 0:
-                print(f"--time-limit {args.time_limit:g} s reached at step {step}", flush=True)
-            if out_of_time or signum:
-                break
-        if rank == 0 and signum:
-            print(f"{signal.Signals(signum).name} received: stopped at step {step} with a checkpoint in {ckpt_path} "
-                  f"(rerun the same command to resume)", flush=True)
-        elif rank == 0:
-            done = f"saved {ckpt_path}" if step > start_step else f"{ckpt_path} is already at --steps; nothing to train"
-            print(f"{done} (step {step})", flush=True)
-        teardown_dist(world)
-    if signum:
-        raise SystemExit(128 + signum)  # the shell's convention for a process ended by a signal: 143, 130
+
+def log_step(run, step, progress, lr, loss_sum, grad_norm, stats):
+    """One line on stdout and in log.jsonl (rank 0): the loss averaged over ranks, lr, gradient norm, speed."""
+    if run.world > 1:
+        dist.all_reduce(loss_sum)
+        loss_sum /= run.world
+    if run.rank != 0:
+        return
+    args, config = run.args, run.config
+    rate, eta = progress.update(step, args.steps)
+    tokens_per_step = args.batch_size * config.length * config.depth
+    rec = {"step": step, "loss": round(loss_sum.item(), 6), "lr": lr,
+           "grad_norm": round(grad_norm.item(), 4), "steps_per_s": round(rate, 3),
+           "tokens_per_s": round(rate * tokens_per_step), **{k: round(v.item(), 4) for k, v in stats.items()}}
+    unit = "nats/dim" if getattr(config, "head", None) == "mog" else "nats/token"
+    print(f"step {step:7d} | loss {rec['loss']:.4f} {unit} | lr {lr:.2e} | grad {rec['grad_norm']:.3f} | "
+          f"{rate:.2f} steps/s | {rec['tokens_per_s']:,} tokens/s | ETA {eta / 60:.1f} min", flush=True)
+    with open(run.log_path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def save_state(run, step):
+    """last.pt (DESIGN.md §7): model, EMA, optimiser, step, data position, every rank's RNG state, the config, the
+    cache's meta and the flags; rank 0 writes it (atomically: a temporary file, then a rename)."""
+    rngs = [rng_state(run.device)]
+    if run.world > 1:  # every rank's RNG state, so masks and label drops resume exactly
+        rngs = [None] * run.world
+        dist.all_gather_object(rngs, rng_state(run.device))
+    if run.rank == 0:
+        args = run.args
+        save_checkpoint({"kind": "resgen", "arch": args.arch, "config": asdict(run.config),
+                         "model": run.model.state_dict(), "ema": run.ema.state_dict(),
+                         "optimizer": run.opt.state_dict(), "step": step,
+                         "data_position": step * args.batch_size, "rng": rngs, "meta": run.meta,
+                         "args": vars(args)}, run.ckpt_path)
 
 
 def write_sample_grid(ema, meta, args, step, device):
@@ -471,6 +519,81 @@ def write_sample_grid(ema, meta, args, step, device):
     labels = torch.arange(ncls).repeat_interleave(8)
     images = generate_images(ema, tok, labels, batch_size=80, seed=0, device=device)
     save_grid(images, os.path.join(args.out, f"samples_{step:07d}.png"), nrow=8)
+
+
+def train(run, step):
+    """Optimiser steps from `step` to --steps, with log lines, sample grids and checkpoints on their schedules; a
+    signal or --time-limit ends the loop early at a step, with a checkpoint. Returns that signal's number (0: none)."""
+    args, rank, world, device = run.args, run.rank, run.world, run.device
+    train_model = run.model
+    if world > 1:
+        train_model = nn.parallel.DistributedDataParallel(run.model,
+                                                          device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        train_model = torch.compile(train_model)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
+    progress = Progress(step)
+    run.model.train()
+    signum, out_of_time = 0, False
+    # From here to the end, SIGTERM / SIGINT stop the run at the end of a step, with a checkpoint: all ranks hold
+    # the handlers until after the last collective (teardown_dist), so none dies while rank 0 still writes.
+    with StopSignals() as stop:
+        while step < args.steps:
+            lr, loss_sum, stats, grad_norm = train_step(run, train_model, autocast, step)
+            step += 1
+            update_ema(run.ema, run.model, min(args.ema_decay, (1 + step) / (10 + step)))
+            # one process reads its signal flag after every step; torchrun ranks agree every STOP_EVERY steps, and
+            # the time limit (rank 0's clock) is looked at every STOP_EVERY steps in both cases
+            if world == 1 or step % STOP_EVERY == 0:
+                up = rank == 0 and step % STOP_EVERY == 0 and time_is_up(progress.start_time, args.time_limit)
+                signum, out_of_time = agree_to_stop(stop.signum, up, world, device)
+            last = step == args.steps or out_of_time or signum > 0
+            if step % args.log_every == 0 or last:
+                log_step(run, step, progress, lr, loss_sum, grad_norm, stats)
+            if rank == 0 and args.sample_every and step % args.sample_every == 0:
+                write_sample_grid(run.ema, run.meta, args, step, device)
+            if step % args.ckpt_every == 0 or last:
+                save_state(run, step)
+            if out_of_time and rank == 0:
+                print(f"--time-limit {args.time_limit:g} s reached at step {step}", flush=True)
+            if out_of_time or signum:
+                break
+        if rank == 0 and signum:
+            print(f"{signal.Signals(signum).name} received: stopped at step {step} with a checkpoint in "
+                  f"{run.ckpt_path} (rerun the same command to resume)", flush=True)
+        elif rank == 0:
+            done = (f"saved {run.ckpt_path}" if step > progress.start_step
+                    else f"{run.ckpt_path} is already at --steps; nothing to train")
+            print(f"{done} (step {step})", flush=True)
+        teardown_dist(world)
+    return signum
+
+
+def main(argv=None):
+    """Set-up, data, model, resume, then the loop; a run stopped by a signal exits with 128 + its number."""
+    args = parse_args(argv)
+    rank, world, device = setup(args)
+    codes, labels, meta = load_code_cache(args.data)
+    check_codes_in_range(codes, meta["codebook_size"])
+    config = build_config(args, meta)
+    ckpt_path = os.path.join(args.out, "last.pt")
+    ckpt = checkpoint_to_resume(ckpt_path, args, config, meta)
+    codebooks = codebooks_for(args.data, meta, args.tokenizer)
+    prepare_out(args, meta, rank)
+
+    torch.manual_seed(args.seed + rank)  # per-rank seeds for anything else random (dropout); masks: step_noise
+    model = build_model(config, codebooks).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = build_optimizer(model, args, device)
+    step = 0 if ckpt is None else restore(ckpt, model, ema, opt, rank, device)
+    run = Run(args, rank, world, device, config, meta, codes, labels, model, ema, opt, ckpt_path,
+              os.path.join(args.out, "log.jsonl"))
+    if rank == 0:
+        start_log(run, step)
+    signum = train(run, step)
+    if signum:
+        raise SystemExit(128 + signum)  # the shell's convention for a process ended by a signal: 143, 130
 
 
 if __name__ == "__main__":
