@@ -8,6 +8,8 @@
 # make bench-gpu: every GPU row of BENCHMARKS.md (xl, eager and compiled) in one run of at most 8 minutes
 # make depth: RESULTS.md section 11, RVQ depth 4 / 16 at 5 epochs: tokenizers, MoG and token heads, FID, the fast
 #             metric over T x w, the coarse-depth probe, Fig. 2 (section 8's shorter study with other settings)
+# make curves: RESULTS.md section 3, quality against training: MoG, tokens and the RQ-Transformer on make depth's D = 4
+#              codes to 20 epochs, checkpoints kept at epochs 1, 2, 5, 10, 20 and scored, the figure against training steps
 # make table2: RESULTS.md section 10, the paper's Table 2 in small: make depth with the RQ-Transformer beside ResGen's
 #              heads (same codes, size and budget), and the sampling-time bench row
 PY ?= python3
@@ -21,7 +23,7 @@ CLASSIFIER = test -f $(RUNS)/classifier.pt || $(PY) eval_fid.py train-classifier
 # real-image statistics (eval_fid.py's own --cache-dir default is relative to the working directory)
 EVAL_FILES = --classifier $(RUNS)/classifier.pt --cache-dir $(RUNS)/fid_stats
 
-.PHONY: setup setup-test demo test study prompted sweep figures bench-gpu depth table2 clean
+.PHONY: setup setup-test demo test study prompted sweep figures bench-gpu depth table2 curves clean
 
 setup:
 	$(PY) -m pip install --quiet torch==2.13.0
@@ -273,6 +275,51 @@ table2: setup
 	$(MAKE) depth DEPTH_MODELS="mog tokens rq"
 	test -f $(DEPTH_OUT)/bench_versus.jsonl || $(PY) bench.py --only cpu --rows versus --threads 1 \
 	  --json-out $(DEPTH_OUT)/bench_versus.jsonl
+
+# Quality against training (RESULTS.md §3): on make depth's D = 4 codes (its tokenizer stage runs first if needed),
+# each model of CURVES_MODELS (mog, tokens: ResGen's heads; rq: the RQ-Transformer), `small`, batch 32, trained to the
+# last of CURVES_EPOCHS (epochs of CURVES_EPOCH steps: 60,000 grids / 32) at a constant learning rate after warm-up,
+# with EMA weights (0.999: about half an epoch) so that every kept checkpoint is a model of its own; the checkpoints at
+# the ends of CURVES_EPOCHS are kept (train.py --keep-steps) and each is scored once it exists: the fast metric
+# (N = CURVES_N against 10,000, T = 16, w = 1 and 3) at every kept epoch, the Inception FID (N = CURVES_FID_N against as
+# many, with its floor) at CURVES_FID_EPOCHS; one JSON line each in $(CURVES_OUT)/results.jsonl, a finished row marked
+# NAME.done in the model's folder. Then quality against training steps, a line per model, per w and metric, in
+# $(CURVES_OUT)/figures/w1 and w3. CURVES_TIME: seconds of training per call; rerun to continue (as after a kill).
+# On the 2-core CPU, one model per process, one thread each:
+#   OMP_NUM_THREADS=1 make curves CURVES_MODELS=tokens CURVES_TIME=7200 &  OMP_NUM_THREADS=1 make curves CURVES_MODELS=rq CURVES_TIME=7200 &
+CURVES_MODELS ?= mog tokens rq
+CURVES_OUT ?= $(RUNS)/curves
+CURVES_EPOCH ?= 1875
+CURVES_EPOCHS ?= 1 2 5 10 20
+CURVES_FID_EPOCHS ?= 5 10 20
+CURVES_TIME ?=
+CURVES_N ?= 1000
+CURVES_FID_N ?= 2000
+CURVES_EVAL = --steps 16 --temperature 0.7 $(EVAL_FILES) --batch-size 100 --device $(DEPTH_DEVICE) \
+  --json-out $(CURVES_OUT)/results.jsonl
+
+curves: setup
+	@set -e; mkdir -p $(CURVES_OUT)/figures; \
+	$(CLASSIFIER) $(DEPTH_DEVICE); \
+	D=4; d=$(DEPTH_OUT)/d4; $(DEPTH_TOKENIZER) \
+	keep=$$(for e in $(CURVES_EPOCHS); do printf "%s," $$(( e * $(CURVES_EPOCH) )); done); \
+	row() { test -f $$r/$$1.done || { k=$$1; shift; $(PY) eval_fid.py "$$@"; touch $$r/$$k.done; }; }; \
+	for m in $(CURVES_MODELS); do r=$(CURVES_OUT)/$$m; \
+	  case $$m in mog) f="";; tokens) f="--head tokens";; rq) f="--arch rqtransformer";; \
+	    *) echo "error: CURVES_MODELS takes mog, tokens and rq, not $$m" >&2; exit 2;; esac; \
+	  $(PY) train.py --data $$d/codes --out $$r $$f --model small --steps $$(( $(CURVES_EPOCH) * $(lastword $(CURVES_EPOCHS)) )) \
+	    --batch-size 32 --lr 1e-3 --warmup 100 --decay constant --ema-decay 0.999 --keep-steps $$keep --log-every 100 \
+	    --ckpt-every 250 --device $(DEPTH_DEVICE) $(if $(CURVES_TIME),--time-limit $(CURVES_TIME)); \
+	  for e in $(CURVES_EPOCHS); do c=$$r/step_$$(printf %07d $$(( e * $(CURVES_EPOCH) ))).pt; test -f $$c || continue; \
+	    for w in 1 3; do row fast_e$${e}_w$$w --ckpt $$c --no-fid --n $(CURVES_N) --ref train --ref-n 10000 --cfg $$w \
+	      $(CURVES_EVAL); done; \
+	    case " $(CURVES_FID_EPOCHS) " in *" $$e "*) for w in 1 3; do row fid_e$${e}_w$$w --ckpt $$c --n $(CURVES_FID_N) \
+	      --ref-n $(CURVES_FID_N) --cfg $$w $(CURVES_EVAL); done;; esac; \
+	  done; done; \
+	$(PY) -m pip install --quiet matplotlib; \
+	for w in 1 3; do \
+	  $(PY) eval_fid.py plot $(CURVES_OUT)/results.jsonl --metric fid,fd_classifier,precision,class_acc --where cfg=$$w \
+	    --out $(CURVES_OUT)/figures/w$$w || true; done
 
 test: setup-test
 	$(PY) -m pytest -q test_resgen.py

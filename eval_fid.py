@@ -962,7 +962,8 @@ FIGURES = (("steps", "steps", "sampling steps T", True, "Fig. 3a"),
            ("top_p", "top_p", "top-p (nucleus over mixture components / codes)", False, "Fig. 3b"),
            ("choice_temperature", "choice_temperature", "confidence (choice) temperature", False, "Fig. 3c"),
            ("temperature", "temperature", "Gaussian temperature τ", False, "sampler τ"),
-           ("sampling_seconds_per_image", "seconds", "sampling seconds per image", False, "Fig. 2"))
+           ("sampling_seconds_per_image", "seconds", "sampling seconds per image", False, "Fig. 2"),
+           ("step", "training", "training steps of the checkpoint", False, "quality against training"))
 # metric: (axis label, the same metric for held-out real images, drawn as a dashed line)
 METRICS = {"fid": ("FID (Inception)", "fid_floor"),
            "fd_classifier": ("Fréchet distance, classifier features", "fd_classifier_floor"),
@@ -1017,9 +1018,11 @@ def select_rows(rows, where):
 
 
 def model_label(ckpt):
-    """runs/gpu_mog/last.pt -> gpu_mog (the run folder); other file names -> the name without its extension."""
+    """runs/gpu_mog/last.pt and a kept runs/gpu_mog/step_0001875.pt (train.py --keep-steps) -> gpu_mog (the run
+    folder: the step is a row field of its own); other file names -> the name without its extension."""
     base = os.path.basename(ckpt or "?")
-    return os.path.basename(os.path.dirname(ckpt)) or base if base == "last.pt" else os.path.splitext(base)[0]
+    run_file = base == "last.pt" or (base.startswith("step_") and base.endswith(".pt"))
+    return os.path.basename(os.path.dirname(ckpt)) or base if run_file else os.path.splitext(base)[0]
 
 
 def figure_lines(rows, x, metric):
@@ -1038,6 +1041,8 @@ def figure_lines(rows, x, metric):
             continue
         ident = dict(model=model_label(row["ckpt"]), step=row.get("step"), n=row["n"], ref_n=row.get("ref_n"),
                      **settings)
+        if x == "step":
+            ident.pop("step")
         if x == "sampling_seconds_per_image":
             ident.update(device=row.get("device"), threads=row.get("threads"))
             ident.pop("steps", None)

@@ -1288,6 +1288,21 @@ def test_time_limit_stops_with_a_checkpoint_and_resumes(code_cache, tmp_path):
 
 
 @needs_fmnist
+def test_keep_steps_keeps_those_checkpoints_across_a_resume(code_cache, tmp_path):
+    """--keep-steps 2,5: step_0000002.pt and step_0000005.pt hold the run at those steps (the second written after a
+    resume), last.pt goes on to the end; a bad list is one clear error."""
+    out = tmp_path / "rg"
+    run_cmd(*train_args(code_cache, out, 3, "--ckpt-every", "100", "--keep-steps", "5,2"))
+    run_cmd(*train_args(code_cache, out, 6, "--ckpt-every", "100", "--keep-steps", "5,2"))
+    assert sorted(f for f in os.listdir(out) if f.endswith(".pt")) == ["last.pt", "step_0000002.pt", "step_0000005.pt"]
+    for k in (2, 5):
+        assert T.load_checkpoint(str(out / f"step_{k:07d}.pt"), "resgen")["step"] == k
+    assert T.load_checkpoint(str(out / "last.pt"), "resgen")["step"] == 6
+    p = run_cmd(*train_args(code_cache, tmp_path / "bad", 3, "--keep-steps", "2,x"), check=False)
+    assert p.returncode != 0 and "--keep-steps" in p.stderr and "Traceback" not in p.stderr
+
+
+@needs_fmnist
 def test_resume_fills_config_fields_added_since_the_checkpoint(code_cache, tmp_path):
     """A checkpoint written before a ResGenConfig field existed (here `schedule`) resumes with that field's
     default; a field this resgen.py does not know still refuses to resume."""
@@ -2060,6 +2075,22 @@ def test_figure_lines_group_rows_by_everything_but_the_knob():
     assert eval_fid.select_rows(rows, ["cfg=3", "ckpt=runs/mog/last.pt"]) == [
         r for r in w3 if r["ckpt"] == "runs/mog/last.pt"]
     assert eval_fid.select_rows(rows, []) == rows and eval_fid.select_rows(rows, ["cfg=2"]) == []
+
+
+def test_quality_against_training_lines_join_a_runs_kept_checkpoints():
+    """x = the checkpoint's training step: the rows of one run's last.pt and its kept step_NNNNNNN.pt files (train.py
+    --keep-steps) form one line per run and sampler setting; a lone checkpoint draws nothing."""
+    rows = []
+    for run, k in (("mog", 1.0), ("tokens", 2.0)):
+        for step in (1875, 3750, 9375):
+            path = f"runs/curves/{run}/step_{step:07d}.pt" if step < 9375 else f"runs/curves/{run}/last.pt"
+            rows += [{**_result_row(path, k * step, cfg=w), "step": step} for w in (1.0, 3.0)]
+    rows.append(_result_row("runs/other/last.pt", 5.0))
+    lines = eval_fid.figure_lines(rows, "step", "fd_classifier")
+    labels, _ = eval_fid._line_labels([json.loads(k) for k in lines])
+    assert sorted(labels) == ["mog w=1.0", "mog w=3.0", "tokens w=1.0", "tokens w=3.0"]
+    assert all(sorted(p) == [1875, 3750, 9375] for p in lines.values())
+    assert eval_fid.model_label("runs/curves/mog/step_0001875.pt") == "mog"
 
 
 def _needs_matplotlib():

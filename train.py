@@ -30,6 +30,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -279,6 +280,8 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=100, help="steps between log lines (stdout and OUT/log.jsonl)")
     p.add_argument("--ckpt-every", type=int, default=5000, help="steps between checkpoints (OUT/last.pt; also at the "
                    "end and at a stop)")
+    p.add_argument("--keep-steps", default="", help="comma-separated steps whose checkpoint is also kept as "
+                   "OUT/step_NNNNNNN.pt (e.g. the ends of epochs 1, 2, 5, 10, 20 for a curve of quality against training)")
     p.add_argument("--sample-every", type=int, default=0, help="write a small sample grid every N steps (0: off)")
     return p.parse_args(argv)
 
@@ -304,6 +307,12 @@ def validate(args, world):
         raise UserError(f"--ema-decay must be in [0, 1) (got {args.ema_decay})")
     if not 0 <= args.label_dropout < 1:
         raise UserError(f"--label-dropout must be in [0, 1) (got {args.label_dropout})")
+    try:
+        args.keep_steps = sorted({int(x) for x in args.keep_steps.split(",") if x.strip()})
+    except ValueError:
+        raise UserError(f"--keep-steps takes comma-separated step numbers (got {args.keep_steps!r})")
+    if any(k < 1 for k in args.keep_steps):
+        raise UserError(f"--keep-steps must be >= 1 (got {args.keep_steps})")
     if args.time_limit is not None and not args.time_limit > 0:
         raise UserError(f"--time-limit must be > 0 seconds (got {args.time_limit})")
     if args.batch_size % (world * args.grad_accum):
@@ -553,8 +562,13 @@ def train(run, step):
                 log_step(run, step, progress, lr, loss_sum, grad_norm, stats)
             if rank == 0 and args.sample_every and step % args.sample_every == 0:
                 write_sample_grid(run.ema, run.meta, args, step, device)
-            if step % args.ckpt_every == 0 or last:
+            keep = step in args.keep_steps
+            if step % args.ckpt_every == 0 or last or keep:
                 save_state(run, step)
+            if keep and rank == 0:  # a copy of last.pt that later steps never overwrite
+                kept = os.path.join(args.out, f"step_{step:07d}.pt")
+                shutil.copyfile(run.ckpt_path, kept + ".tmp")
+                os.replace(kept + ".tmp", kept)
             if out_of_time and rank == 0:
                 print(f"--time-limit {args.time_limit:g} s reached at step {step}", flush=True)
             if out_of_time or signum:
