@@ -165,13 +165,8 @@ class ResGenConfig:
             self.offset_rank = 0 if self.code_dim <= LOW_RANK_ABOVE else max(1, min(LOW_RANK, OFFSET_OUTPUTS // K))
         if self.classification_weight == -1:  # one K-way term per position against a regression over c dimensions
             self.classification_weight = float(self.code_dim)
-        for name in ("length", "depth", "codebook_size", "code_dim", "width", "layers", "heads", "components_per_code"):
-            if getattr(self, name) < 1:
-                raise UserError(f"ResGenConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_classes < 0:
-            raise UserError(f"ResGenConfig.num_classes must be >= 0, got {self.num_classes}")
-        if self.width % self.heads:
-            raise UserError(f"ResGenConfig.width {self.width} is not divisible by heads {self.heads}")
+        check_sizes(self, ("length", "depth", "codebook_size", "code_dim", "width", "layers", "heads",
+                           "components_per_code"))
         if self.head not in HEADS:
             raise UserError(f"unknown head {self.head!r}; choose from {', '.join(HEADS)}")
         if not 0 <= self.offset_rank < self.code_dim:
@@ -197,13 +192,103 @@ SIZES = {
 
 def make_config(size, **overrides):
     """ResGenConfig from a named size in SIZES plus the data-dependent fields (length, depth, ...)."""
-    if size not in SIZES:
-        raise UserError(f"unknown model size {size!r}; choose from {', '.join(SIZES)}")
-    known = {f.name for f in fields(ResGenConfig)}
-    unknown = sorted(set(overrides) - known)
+    return sized_config(ResGenConfig, SIZES, size, overrides)
+
+
+#################################################################################
+#                  Shared by both architectures (rqtransformer.py)              #
+#################################################################################
+
+def check_sizes(config, positive):
+    """One clear UserError for a model config's sizes: the fields named in `positive` >= 1, num_classes >= 0,
+    width divisible by heads."""
+    name = type(config).__name__
+    for field in positive:
+        if getattr(config, field) < 1:
+            raise UserError(f"{name}.{field} must be >= 1, got {getattr(config, field)}")
+    if config.num_classes < 0:
+        raise UserError(f"{name}.num_classes must be >= 0, got {config.num_classes}")
+    if config.width % config.heads:
+        raise UserError(f"{name}.width {config.width} is not divisible by heads {config.heads}")
+
+
+def sized_config(cls, sizes, size, overrides):
+    """A config of dataclass `cls` from a named size in `sizes` plus the data-dependent fields (length, depth, ...)."""
+    if size not in sizes:
+        raise UserError(f"unknown model size {size!r}; choose from {', '.join(sizes)}")
+    unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
     if unknown:
-        raise UserError(f"unknown ResGenConfig fields: {', '.join(unknown)}")
-    return ResGenConfig(**{**SIZES[size], **overrides})
+        raise UserError(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
+    return cls(**{**sizes[size], **overrides})
+
+
+def keep_codebooks(model, config, codebooks):
+    """model.config = config and the codebooks (D, V, c), checked against it, as a frozen buffer: a checkpoint then
+    embeds codes and decodes samples on its own."""
+    expected = (config.depth, config.codebook_size, config.code_dim)
+    if tuple(codebooks.shape) != expected:
+        raise UserError(f"codebooks have shape {tuple(codebooks.shape)} (D, V, c) but the {type(model).__name__} "
+                        f"config expects {expected} (depth, codebook_size, code_dim)")
+    model.config = config
+    model.register_buffer("codebooks", codebooks.detach().float().clone())
+
+
+def dit_initialize(model, embeddings, ada_layers):
+    """DiT initialisation: xavier linears with zero biases, small embeddings, and zero adaLN modulation (adaLN-Zero:
+    every block starts as the identity)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    for emb in embeddings:
+        nn.init.normal_(emb, std=0.02)
+    for layer in ada_layers:
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+
+
+def sampling_rows(labels, batch_size, cfg, null_class, device):
+    """(B, guided, the class of each transformer row (R,)): R = 2B when classifier-free guidance is on (cfg != 1), the
+    conditional rows first, then the null-class rows; R = B otherwise. labels (B,) or None (unconditional: then
+    batch_size gives B). Guidance needs a class: all-null labels sample as labels=None does."""
+    if labels is None:
+        if batch_size is None:
+            raise UserError("unconditional sampling (labels=None) needs batch_size")
+        return batch_size, False, torch.full((batch_size,), null_class, dtype=torch.long, device=device)
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > null_class):
+        raise UserError(f"labels must be in 0..{null_class} ({null_class} = unconditional), "
+                        f"got {int(labels.min())}..{int(labels.max())}")
+    guided = cfg != 1.0 and labels.numel() > 0 and int(labels.min()) < null_class
+    labels = labels.to(device=device, dtype=torch.long)
+    return labels.shape[0], guided, torch.cat([labels, torch.full_like(labels, null_class)]) if guided else labels
+
+
+def prompt_tensors(prompt_codes, prompt_mask, want, V, device, check_order):
+    """A prompt's codes (B, L, D) int64 (0 where not given) and given (B, L, D) bool on `device`, or None for no
+    prompt; one clear UserError for a missing half, a wrong shape or dtype, codes out of 0..V-1 where given, or a
+    mask that check_order(prompt_mask) refuses (each architecture continues prompts of its own shape). Reads the
+    tensors on the host: once, before a sampler's step loop."""
+    if prompt_codes is None and prompt_mask is None:
+        return None
+    if prompt_codes is None or prompt_mask is None:
+        raise UserError("a prompt needs both prompt_codes and prompt_mask")
+    for name, t in (("prompt_codes", prompt_codes), ("prompt_mask", prompt_mask)):
+        if tuple(t.shape) != want:
+            raise UserError(f"{name} has shape {tuple(t.shape)}; this model samples (B, L, D) = {want}")
+    if prompt_mask.dtype != torch.bool:
+        raise UserError(f"prompt_mask must be bool (True = given), got {prompt_mask.dtype}")
+    check_order(prompt_mask)
+    if prompt_codes.dtype.is_floating_point or prompt_codes.dtype == torch.bool:
+        raise UserError(f"prompt_codes must be integer codes, got {prompt_codes.dtype}")
+    given = prompt_mask.to(device)
+    codes = torch.where(given, prompt_codes.to(device=device, dtype=torch.long), 0)
+    bad = given & ((codes < 0) | (codes >= V))
+    if bool(bad.any()):
+        b, i, j = bad.nonzero()[0].tolist()
+        raise UserError(f"prompt_codes must be in 0..{V - 1} where given; row {b}, position {i}, depth {j} "
+                        f"holds {int(codes[b, i, j])}")
+    return codes, given
 
 
 #################################################################################
@@ -396,7 +481,7 @@ def gathered_linear(x, weight, bias, index, max_elements=1 << 26):
 
     x (N, in), weight (K, out, in), bias (K, out) or None, index (N,) int64 -> (N, out). Rows go in chunks of
     static size so the gathered weights stay under max_elements (no host sync, bounded memory)."""
-    N, (K, n_out, n_in) = x.shape[0], weight.shape
+    N, (n_out, n_in) = x.shape[0], weight.shape[1:]
     rows = max(1, max_elements // (n_out * n_in))
     y = torch.cat([torch.bmm(weight[index[i:i + rows]], x[i:i + rows].unsqueeze(-1)).squeeze(-1)
                    for i in range(0, N, rows)]) if N else x.new_zeros(0, n_out)
@@ -622,13 +707,8 @@ class ResGen(nn.Module):
 
     def __init__(self, config, codebooks):
         super().__init__()
-        expected = (config.depth, config.codebook_size, config.code_dim)
-        if tuple(codebooks.shape) != expected:
-            raise UserError(f"codebooks have shape {tuple(codebooks.shape)} (D, V, c) but the ResGen config "
-                            f"expects {expected} (depth, codebook_size, code_dim)")
-        self.config = config
+        keep_codebooks(self, config, codebooks)
         C = config.width
-        self.register_buffer("codebooks", codebooks.detach().float().clone())
         self.code_in = nn.Linear(config.code_dim, C)  # visible cumulative embedding -> width
         self.count_embed = nn.Embedding(config.depth + 1, C)  # k_i = masked depths at position i, 0..D
         self.pos_embed = nn.Parameter(torch.zeros(1, config.length, C))
@@ -642,20 +722,10 @@ class ResGen(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        """DiT initialisation: xavier linears, zero adaLN modulation (adaLN-Zero), small embeddings.
-        Each head initialises its own projections (MoGHead.initialize, TokenHead.initialize)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        for emb in (self.count_embed.weight, self.class_embed.weight, self.pos_embed):
-            nn.init.normal_(emb, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.ada[-1].weight)
-            nn.init.zeros_(block.ada[-1].bias)
-        nn.init.zeros_(self.ada_out[-1].weight)
-        nn.init.zeros_(self.ada_out[-1].bias)
+        """DiT initialisation (dit_initialize); each head initialises its own projections (MoGHead.initialize,
+        TokenHead.initialize)."""
+        dit_initialize(self, (self.count_embed.weight, self.class_embed.weight, self.pos_embed),
+                       [block.ada[-1] for block in self.blocks] + [self.ada_out[-1]])
         self.head.initialize()
 
     def num_params(self):
@@ -727,32 +797,21 @@ class ResGen(nn.Module):
         the tensors on the host; it runs once, before the step loop.
         """
         L, D, V = self.config.length, self.config.depth, self.config.codebook_size
-        if prompt_codes is None and prompt_mask is None:
+        state = prompt_tensors(prompt_codes, prompt_mask, (batch, L, D), V, device, self.check_prompt)
+        if state is None:
             return (torch.zeros(batch, L, D, dtype=torch.long, device=device),
                     torch.ones(batch, L, D, dtype=torch.bool, device=device))
-        if prompt_codes is None or prompt_mask is None:
-            raise UserError("a prompt needs both prompt_codes and prompt_mask")
-        want = (batch, L, D)
-        for name, t in (("prompt_codes", prompt_codes), ("prompt_mask", prompt_mask)):
-            if tuple(t.shape) != want:
-                raise UserError(f"{name} has shape {tuple(t.shape)}; this model samples (B, L, D) = {want}")
-        if prompt_mask.dtype != torch.bool:
-            raise UserError(f"prompt_mask must be bool (True = given), got {prompt_mask.dtype}")
-        given = prompt_mask.to(device)
-        gap = given[..., 1:] & ~given[..., :-1]  # depth j given, depth j-1 not
+        codes, given = state
+        return codes, ~given
+
+    @staticmethod
+    def check_prompt(prompt_mask):
+        """UserError unless prompt_mask (B, L, D) bool gives a prefix of depths at every position."""
+        gap = prompt_mask[..., 1:] & ~prompt_mask[..., :-1]  # depth j given, depth j-1 not
         if bool(gap.any()):
             b, i, j = gap.nonzero()[0].tolist()
             raise UserError(f"prompt_mask must give a prefix of depths at every position; row {b}, position {i} "
                             f"gives depth {j + 1} but not depth {j}")
-        if prompt_codes.dtype.is_floating_point or prompt_codes.dtype == torch.bool:
-            raise UserError(f"prompt_codes must be integer codes, got {prompt_codes.dtype}")
-        codes = torch.where(given, prompt_codes.to(device=device, dtype=torch.long), 0)
-        bad = given & ((codes < 0) | (codes >= V))
-        if bool(bad.any()):
-            b, i, j = bad.nonzero()[0].tolist()
-            raise UserError(f"prompt_codes must be in 0..{V - 1} where given; row {b}, position {i}, depth {j} "
-                            f"holds {int(codes[b, i, j])}")
-        return codes, ~given
 
     @torch.no_grad()
     def generate(self, labels, steps, cfg=1.0, cfg_schedule="constant", top_p=1.0, temperature=1.0,
@@ -794,21 +853,7 @@ class ResGen(nn.Module):
         device = self.codebooks.device
         L, D = self.config.length, self.config.depth
         N = L * D
-        if labels is None:
-            if batch_size is None:
-                raise UserError("unconditional sampling (labels=None) needs batch_size")
-            guided = False  # the conditional and null halves would be identical
-        else:
-            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.null_class):
-                raise UserError(f"labels must be in 0..{self.null_class} ({self.null_class} = unconditional), "
-                                f"got {int(labels.min())}..{int(labels.max())}")
-            # guidance needs a class: all-null labels (unconditional prompts) sample as labels=None does
-            guided = cfg != 1.0 and labels.numel() > 0 and int(labels.min()) < self.null_class
-            batch_size = labels.shape[0]
-        B = batch_size
-        labels = self._labels(labels, B, device)
-        if guided:
-            labels = torch.cat([labels, torch.full_like(labels, self.null_class)])  # (2B,)
+        B, guided, labels = sampling_rows(labels, batch_size, cfg, self.null_class, device)  # labels (2B,) if guided
         codes, masked = self.prompt_state(prompt_codes, prompt_mask, B, device)  # masked: a suffix of depths
         # Each row's schedule over the tokens it has left, planned on the device: the step loop never syncs.
         masked_after = masking_plan(steps, masked.flatten(1).sum(-1), schedule)  # (B, T+1)

@@ -31,14 +31,15 @@ depth); hard-code cross-entropy (the authors train on soft targets from stochast
 Train with `python train.py --arch rqtransformer ...`; sample.py and eval_fid.py read the architecture from the
 checkpoint.
 """
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import resgen
-from resgen import Attention, Block, embed_codes, gumbel, modulate, top_p_filter
+from resgen import (Attention, Block, check_sizes, dit_initialize, embed_codes, gumbel, keep_codebooks, modulate,
+                    prompt_tensors, sampling_rows, sized_config, top_p_filter)
 from tokenizer import UserError, load_checkpoint
 
 
@@ -65,13 +66,7 @@ class RQTransformerConfig:
     label_dropout: float = 0.1   # p of replacing the label by the null class in training (CFG), as ResGen
 
     def __post_init__(self):
-        for name in ("length", "depth", "codebook_size", "code_dim", "width", "layers", "depth_layers", "heads"):
-            if getattr(self, name) < 1:
-                raise UserError(f"RQTransformerConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_classes < 0:
-            raise UserError(f"RQTransformerConfig.num_classes must be >= 0, got {self.num_classes}")
-        if self.width % self.heads:
-            raise UserError(f"RQTransformerConfig.width {self.width} is not divisible by heads {self.heads}")
+        check_sizes(self, ("length", "depth", "codebook_size", "code_dim", "width", "layers", "depth_layers", "heads"))
 
 
 # Named sizes at ResGen's widths and heads (resgen.SIZES), with the blocks split between the two transformers about
@@ -91,13 +86,7 @@ SIZES = {
 
 def make_config(size, **overrides):
     """RQTransformerConfig from a named size in SIZES plus the data-dependent fields (length, depth, ...)."""
-    if size not in SIZES:
-        raise UserError(f"unknown model size {size!r}; choose from {', '.join(SIZES)}")
-    known = {f.name for f in fields(RQTransformerConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise UserError(f"unknown RQTransformerConfig fields: {', '.join(unknown)}")
-    return RQTransformerConfig(**{**SIZES[size], **overrides})
+    return sized_config(RQTransformerConfig, SIZES, size, overrides)
 
 
 #################################################################################
@@ -263,13 +252,8 @@ class RQTransformer(nn.Module):
 
     def __init__(self, config, codebooks):
         super().__init__()
-        expected = (config.depth, config.codebook_size, config.code_dim)
-        if tuple(codebooks.shape) != expected:
-            raise UserError(f"codebooks have shape {tuple(codebooks.shape)} (D, V, c) but the RQ-Transformer config "
-                            f"expects {expected} (depth, codebook_size, code_dim)")
-        self.config = config
+        keep_codebooks(self, config, codebooks)
         C = config.width
-        self.register_buffer("codebooks", codebooks.detach().float().clone())
         self.null_class = config.num_classes
         self.class_embed = nn.Embedding(config.num_classes + 1, C)  # the start token and the blocks' adaLN; last row: null
         self.code_in = nn.Linear(config.code_dim, C)  # Σ_j e(x_{i-1,j}) -> the spatial input at position i
@@ -284,17 +268,9 @@ class RQTransformer(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        """DiT initialisation as in ResGen: xavier linears, zero adaLN modulation, small embeddings."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        for emb in (self.class_embed.weight, self.pos_embed, self.depth_pos_embed):
-            nn.init.normal_(emb, std=0.02)
-        for block in list(self.spatial_blocks) + list(self.depth_blocks):
-            nn.init.zeros_(block.ada[-1].weight)
-            nn.init.zeros_(block.ada[-1].bias)
+        """DiT initialisation as in ResGen (resgen.dit_initialize)."""
+        dit_initialize(self, (self.class_embed.weight, self.pos_embed, self.depth_pos_embed),
+                       [block.ada[-1] for block in list(self.spatial_blocks) + list(self.depth_blocks)])
         self.head.initialize()
 
     def num_params(self):
@@ -412,27 +388,11 @@ class RQTransformer(nn.Module):
         different lengths. Any other prompt is a UserError. Validation reads the tensors on the host, once, before the
         step loop; the cache is then filled with the positions every row gives in one pass."""
         L, D, V = self.config.length, self.config.depth, self.config.codebook_size
-        if prompt_codes is None and prompt_mask is None:
+        state = prompt_tensors(prompt_codes, prompt_mask, (batch, L, D), V, device, self.check_prompt)
+        if state is None:
             return (torch.zeros(batch, L, D, dtype=torch.long, device=device),
                     torch.zeros(batch, L, D, dtype=torch.bool, device=device), 0)
-        if prompt_codes is None or prompt_mask is None:
-            raise UserError("a prompt needs both prompt_codes and prompt_mask")
-        want = (batch, L, D)
-        for name, t in (("prompt_codes", prompt_codes), ("prompt_mask", prompt_mask)):
-            if tuple(t.shape) != want:
-                raise UserError(f"{name} has shape {tuple(t.shape)}; this model samples (B, L, D) = {want}")
-        if prompt_mask.dtype != torch.bool:
-            raise UserError(f"prompt_mask must be bool (True = given), got {prompt_mask.dtype}")
-        self.check_prompt(prompt_mask)
-        if prompt_codes.dtype.is_floating_point or prompt_codes.dtype == torch.bool:
-            raise UserError(f"prompt_codes must be integer codes, got {prompt_codes.dtype}")
-        given = prompt_mask.to(device)
-        codes = torch.where(given, prompt_codes.to(device=device, dtype=torch.long), 0)
-        bad = given & ((codes < 0) | (codes >= V))
-        if bool(bad.any()):
-            b, i, j = bad.nonzero()[0].tolist()
-            raise UserError(f"prompt_codes must be in 0..{V - 1} where given; row {b}, position {i}, depth {j} "
-                            f"holds {int(codes[b, i, j])}")
+        codes, given = state
         full = int(given.flatten(1).sum(-1).min()) // D  # positions that every row gives entirely
         return codes, given, full
 
@@ -473,7 +433,7 @@ class RQTransformer(nn.Module):
         top_k = check_sampling_args(cfg_schedule, top_p, temperature, top_k)
         device = self.codebooks.device
         L, D = self.config.length, self.config.depth
-        B, guided, rows = self.sampling_rows(labels, batch_size, cfg, device)
+        B, guided, rows = sampling_rows(labels, batch_size, cfg, self.null_class, device)
         codes, given, start = self.prompt_state(prompt_codes, prompt_mask, B, device)
 
         def weight(t):  # the guidance scale at token t of the L·D (a Python float: no sync)
@@ -492,23 +452,6 @@ class RQTransformer(nn.Module):
         sample_tokens(codes, given, start, rows, guided, pick, callback)
         self.train(was_training)
         return codes
-
-    def sampling_rows(self, labels, batch_size, cfg, device):
-        """(B, whether CFG is on, the class of each transformer row (R,)): R = 2B when guided, the conditional rows
-        first, then the null-class rows; R = B otherwise."""
-        if labels is None:
-            if batch_size is None:
-                raise UserError("unconditional sampling (labels=None) needs batch_size")
-            guided = False
-        else:
-            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.null_class):
-                raise UserError(f"labels must be in 0..{self.null_class} ({self.null_class} = unconditional), "
-                                f"got {int(labels.min())}..{int(labels.max())}")
-            guided = cfg != 1.0 and labels.numel() > 0 and int(labels.min()) < self.null_class
-            batch_size = labels.shape[0]
-        labels = self._labels(labels, batch_size, device)
-        rows = torch.cat([labels, torch.full_like(labels, self.null_class)]) if guided else labels  # (R,)
-        return batch_size, guided, rows
 
     def sample_tokens(self, codes, given, start, rows, guided, pick, callback):
         """The sampler's loop with KV caches: positions start..L-1 of codes (B, L, D), filled in place, one spatial
