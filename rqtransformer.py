@@ -39,8 +39,8 @@ import torch.nn.functional as F
 
 import resgen
 from resgen import (Attention, Block, check_sizes, dit_initialize, embed_codes, gumbel, keep_codebooks, modulate,
-                    prompt_tensors, sampling_rows, sized_config, top_p_filter)
-from tokenizer import UserError, load_checkpoint
+                    prompt_tensors, sampling_rows, top_p_filter)
+from tokenizer import UserError, config_from_checkpoint, load_checkpoint, model_from_checkpoint, sized_config
 
 
 #################################################################################
@@ -544,10 +544,10 @@ def checkpoint_arch(ckpt, path):
 
 
 def checkpoint_config(ckpt, path):
-    """The config a checkpoint was trained with, of its architecture (resgen.config_from_checkpoint)."""
+    """The config a checkpoint was trained with, of its architecture (tokenizer.config_from_checkpoint)."""
     if checkpoint_arch(ckpt, path) == "resgen":
         return resgen.checkpoint_config(ckpt, path)
-    return resgen.config_from_checkpoint(ckpt, path, RQTransformerConfig, "an RQ-Transformer")
+    return config_from_checkpoint(ckpt, path, RQTransformerConfig, "an RQ-Transformer")
 
 
 def _peek(path):
@@ -570,9 +570,9 @@ def load_model(path, ema=True, device="cpu"):
 
 
 def load_rqtransformer(path, ema=True, device="cpu"):
-    """RQTransformer from a train.py checkpoint, as resgen.load_resgen loads a ResGen (resgen.model_from_checkpoint)."""
+    """RQTransformer from a train.py checkpoint, as resgen.load_resgen loads a ResGen (tokenizer.model_from_checkpoint)."""
     ckpt = load_checkpoint(path, "resgen")
     if checkpoint_arch(ckpt, path) != ARCH:
         raise UserError(f"{path} holds a {checkpoint_arch(ckpt, path)} model, not an RQ-Transformer")
-    return resgen.model_from_checkpoint(ckpt, path, RQTransformer, RQTransformerConfig, "an RQ-Transformer", ema,
+    return model_from_checkpoint(ckpt, path, RQTransformer, RQTransformerConfig, "an RQ-Transformer", ema,
                                         device)

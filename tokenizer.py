@@ -24,7 +24,7 @@ import struct
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -104,6 +104,62 @@ def strip_prefixes(state_dict):
             k = k.replace(p, "")
         out[k] = v
     return out
+
+
+def sized_config(cls, sizes, size, overrides):
+    """A config of dataclass `cls` from a named size in `sizes` plus the data-dependent fields (length, depth, ...)."""
+    if size not in sizes:
+        raise UserError(f"unknown model size {size!r}; choose from {', '.join(sizes)}")
+    unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
+    if unknown:
+        raise UserError(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
+    return cls(**{**sizes[size], **overrides})
+
+
+def config_from_checkpoint(ckpt, path, config_class, what):
+    """The config (ResGenConfig or rqtransformer's RQTransformerConfig) a train.py checkpoint was trained with; `what`
+    ("a ResGen", "an RQ-Transformer") names the model in errors. Fields added to the class since the checkpoint was
+    written take their defaults (so older checkpoints load and resume); fields the class lacks (a retired head's,
+    another version's) are a UserError that names them."""
+    if "config" not in ckpt:
+        raise UserError(f"{path} has no 'config' entry: not {what} training checkpoint")
+    config = dict(ckpt["config"])
+    unknown = sorted(set(config) - {f.name for f in fields(config_class)})
+    if unknown:
+        raise UserError(f"{path} has config fields {', '.join(unknown)} that this {config_class.__module__}.py's "
+                        f"{config_class.__name__} lacks")
+    try:
+        return config_class(**config)
+    except TypeError as e:
+        raise UserError(f"{path}: config does not fit {config_class.__name__} ({e})")
+
+
+def model_from_checkpoint(ckpt, path, model_class, config_class, what, ema=True, device="cpu"):
+    """`model_class` (ResGen or RQTransformer) with the weights of a train.py checkpoint already read (DESIGN.md §7),
+    in eval mode, with `.meta` (the code cache's meta.json) and `.step` attached: the one loader of both
+    architectures. ema=True takes the EMA weights when the checkpoint has them; a state dict that does not fit the
+    model its config describes (missing, extra or reshaped entries) is a UserError that lists them."""
+    if "model" not in ckpt:
+        raise UserError(f"{path} has no 'model' entry: not {what} training checkpoint")
+    config = config_from_checkpoint(ckpt, path, config_class, what)
+    model_state = strip_prefixes(ckpt["model"])
+    state = strip_prefixes(ckpt["ema"]) if ema and ckpt.get("ema") is not None else model_state
+    if "codebooks" not in state and "codebooks" in model_state:  # an EMA of the trained parameters only
+        state["codebooks"] = model_state["codebooks"]
+    model = model_class(config, torch.zeros(config.depth, config.codebook_size, config.code_dim))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or extra or shapes:
+        parts = ([f"missing in checkpoint: {', '.join(missing[:5])}"] if missing else []) + \
+                ([f"not in model: {', '.join(extra[:5])}"] if extra else []) + shapes[:5]
+        raise UserError(f"{path} does not match the model its config describes ({asdict(config)}): " + "; ".join(parts))
+    model.load_state_dict(state)
+    model.meta = ckpt.get("meta", {})
+    model.step = ckpt.get("step", 0)
+    return model.to(device).eval()
 
 
 def file_hash(path):
