@@ -1,16 +1,16 @@
 # make demo : Fashion-MNIST on the CPU: tokenizer -> codes -> ResGen -> samples.png -> metrics
 # make test : the test suite
-# make study: RESULTS.md section 3 on one GPU (after make demo's first two stages): three models, then the FID grid
-# make prompted: RESULTS.md section 6 (after make demo): inpainting and re-detailing pictures and numbers on the demo
+# make study: RESULTS.md section 6 (the K = 16 head's study; today's heads have no rows yet) on one GPU (after make demo's first two stages): three models, then the FID grid
+# make prompted: RESULTS.md sections 5.1-5.2 (after make demo): inpainting and re-detailing pictures and numbers on the demo
 #                model (or PROMPT_CKPT=...), and synthetic RVQ / 1-D code caches trained and sampled end to end
-# make sweep: the sampler grids of RESULTS.md sections 3 and 4 with the fast metric (--no-fid) for SWEEP_CKPTS
+# make sweep: the sampler grids of RESULTS.md section 4 with the fast metric (--no-fid) for SWEEP_CKPTS
 # make figures: the paper's Fig. 2 and Fig. 3 from the JSON lines in FIGURE_RESULTS, as PNGs in figures/
 # make bench-gpu: every GPU row of BENCHMARKS.md (xl, eager and compiled) in one run of at most 8 minutes
-# make depth: RESULTS.md section 11, RVQ depth 4 / 16 at 5 epochs: tokenizers, MoG and token heads, FID, the fast
-#             metric over T x w, the coarse-depth probe, Fig. 2 (section 8's shorter study with other settings)
-# make curves: RESULTS.md section 3, quality against training: MoG, tokens and the RQ-Transformer on make depth's D = 4
+# make depth: RESULTS.md sections 0.5 and 2.3, RVQ depth 4 / 16 at 5 epochs: tokenizers, MoG and token heads, FID, the fast
+#             metric over T x w, the coarse-depth probe, Fig. 2 (section 2.4's shorter study with other settings)
+# make curves: RESULTS.md sections 1 and 3, quality against training: MoG, tokens and the RQ-Transformer on make depth's D = 4
 #              codes to 20 epochs, checkpoints kept at epochs 1, 2, 5, 10, 20 and scored, the figure against training steps
-# make table2: RESULTS.md section 10, the paper's Table 2 in small: make depth with the RQ-Transformer beside ResGen's
+# make table2: RESULTS.md section 3, the paper's Table 2 in small: make depth with the RQ-Transformer beside ResGen's
 #              heads (same codes, size and budget), and the sampling-time bench row
 PY ?= python3
 RUNS ?= runs
@@ -37,7 +37,7 @@ setup-test: setup
 	$(PY) -m pip install --quiet -r requirements-test.txt
 	$(PY) -m pip install --quiet --no-deps pytorch-fid==0.3.0
 
-# The demo's tokenizer and ResGen runs, sized to finish inside 20 minutes on 2 CPU cores (RESULTS.md section 2;
+# The demo's tokenizer and ResGen runs, sized to finish inside 20 minutes on 2 CPU cores (RESULTS.md section 0.4;
 # override on the command line, e.g. make demo RESGEN_STEPS=3000)
 TOKENIZER_STEPS ?= 450
 RESGEN_STEPS ?= 900
@@ -62,7 +62,7 @@ demo: setup
 bench-gpu:
 	timeout 480 $(PY) bench.py --only cuda --compile --json-out $(RUNS)/bench_cuda.jsonl
 
-# RESULTS.md section 3: MoG (the default head), token head and MoG (M = 4 components per code) trained STUDY_TIME seconds each, at once on
+# RESULTS.md section 6 (the K = 16 head's study): MoG (the default head), token head and MoG (M = 4 components per code) trained STUDY_TIME seconds each, at once on
 # one GPU, then STUDY_N-image FIDs over T, CFG, top-p and temperatures, one JSON line each in
 # $(RUNS)/results_gpu.jsonl.
 STUDY_TIME ?= 270
@@ -89,7 +89,7 @@ study: setup
 	  $(PY) eval_fid.py --ckpt $(RUNS)/$$r/last.pt $(STUDY_EVAL) --steps 16 --cfg 3 --temperature 0.7 $$x; done; done; \
 	for tau in 0.4 1.0; do $(PY) eval_fid.py --ckpt $(RUNS)/gpu_mog/last.pt $(STUDY_EVAL) --steps 16 --cfg 3 --temperature $$tau; done
 
-# RESULTS.md section 6. Numbers: one JSON line per run in $(PROMPT_OUT)/prompted.jsonl (eval_fid.py: completions,
+# RESULTS.md sections 5.1-5.2. Numbers: one JSON line per run in $(PROMPT_OUT)/prompted.jsonl (eval_fid.py: completions,
 # then for comparison unprompted samples and the tokenizer's reconstructions of the same PROMPT_N test images) and
 # the synthetic caches' lines in $(PROMPT_OUT)/codes.txt; pictures: $(PICTURES)/prompted_inpaint.png and
 # prompted_redetail.png.
@@ -156,7 +156,7 @@ prompted: setup
 	    --codes-out $(PROMPT_OUT)/$${c}_samples.npy; \
 	  $(PY) -c "$$CODE_AGREEMENT" $(PROMPT_OUT)/$$c $(PROMPT_OUT)/$${c}_samples.npy | tee -a $(PROMPT_OUT)/codes.txt; done
 
-# The grids of RESULTS.md sections 3.2/3.3 and 4 (T x w at tau = 0.7; then top-p, confidence temperature and tau
+# The grids of RESULTS.md section 4 (and of section 6's earlier heads) (T x w at tau = 0.7; then top-p, confidence temperature and tau
 # at T = 16, w = 3) for every checkpoint in SWEEP_CKPTS, scored without Inception: fd_classifier and its floor,
 # precision/recall, class accuracy and sampling seconds per image, one JSON line each in SWEEP_OUT. About 15 rows
 # per checkpoint; on the 2-core CPU at SWEEP_N = 2000 each row is mostly sampling (1-5 minutes).
@@ -186,7 +186,7 @@ figures:
 	$(PY) -m pip install --quiet matplotlib
 	$(PY) eval_fid.py plot $(FIGURE_RESULTS) --metric $(FIGURE_METRICS) --out $(FIGURE_DIR)
 
-# RESULTS.md sections 10 and 11: the RVQ-depth study at 5 epochs and the paper's Table 2 in small. Per D in DEPTHS,
+# RESULTS.md sections 0.5, 2 and 3: the RVQ-depth study at 5 epochs and the paper's Table 2 in small. Per D in DEPTHS,
 # in $(DEPTH_OUT)/d$$D: a tokenizer (DEPTH_TOK_STEPS steps, commitment DEPTH_BETA; its per-depth PSNR report in
 # reconstruct.txt) and its codes; then per model m in DEPTH_MODELS (mog and tokens: ResGen's two heads; rq: the
 # RQ-Transformer, the same size by rqtransformer.SIZES), in d$$D_$$m/:
@@ -205,7 +205,7 @@ figures:
 # On the 2-core CPU, one thread per process: a tokenizer about 15 minutes, its codes 2-5; a ResGen model 3-4.5 hours,
 # the RQ-Transformer about 4 (D = 4) and 12 (D = 16) hours; an Inception row 15-25 minutes. One model or depth per process:
 #   OMP_NUM_THREADS=1 make depth DEPTHS=4 DEPTH_MODELS=mog &  OMP_NUM_THREADS=1 make depth DEPTHS=4 DEPTH_MODELS=tokens &
-# The 0.64-epoch study of RESULTS.md section 8: make depth DEPTHS="4 8 16" DEPTH_STEPS=1200 DEPTH_DECAY=constant DEPTH_FID_N=0
+# The 0.64-epoch study of RESULTS.md section 2.4: make depth DEPTHS="4 8 16" DEPTH_STEPS=1200 DEPTH_DECAY=constant DEPTH_FID_N=0
 # On a GPU: make depth DEPTH_DEVICE=cuda DEPTH_STEPS=50000 DEPTH_N=10000 DEPTH_FID_N=10000 ...
 DEPTHS ?= 4 16
 DEPTH_MODELS ?= mog tokens
@@ -268,15 +268,15 @@ depth: setup
 	  $(PY) eval_fid.py plot $(DEPTH_OUT)/results.jsonl --metric fid,fd_classifier,precision,class_acc --where cfg=$$w \
 	    --out $(DEPTH_OUT)/figures/w$$w; done
 
-# RESULTS.md section 10, the paper's Table 2 in small: make depth with the RQ-Transformer beside ResGen's two heads
+# RESULTS.md section 3, the paper's Table 2 in small: make depth with the RQ-Transformer beside ResGen's two heads
 # (the same codes, size and budget; one model per process as above), then the sampling-time row of BENCHMARKS.md
-# section 9 (ResGen and the RQ-Transformer over D = 4, 8, 16 and L = 16, 64, 144, timed interleaved in one process)
+# section 1 (ResGen and the RQ-Transformer over D = 4, 8, 16 and L = 16, 64, 144, timed interleaved in one process)
 table2: setup
 	$(MAKE) depth DEPTH_MODELS="mog tokens rq"
 	test -f $(DEPTH_OUT)/bench_versus.jsonl || $(PY) bench.py --only cpu --rows versus --threads 1 \
 	  --json-out $(DEPTH_OUT)/bench_versus.jsonl
 
-# Quality against training (RESULTS.md §3): on make depth's D = 4 codes (its tokenizer stage runs first if needed),
+# Quality against training (RESULTS.md §1 and §3): on make depth's D = 4 codes (its tokenizer stage runs first if needed),
 # each model of CURVES_MODELS (mog, tokens: ResGen's heads; rq: the RQ-Transformer), `small`, batch 32, trained to the
 # last of CURVES_EPOCHS (epochs of CURVES_EPOCH steps: 60,000 grids / 32) at a constant learning rate after warm-up,
 # with EMA weights (0.999: about half an epoch) so that every kept checkpoint is a model of its own; the checkpoints at

@@ -1166,12 +1166,14 @@ def match_rates(model, codes, labels, temperature=1.0, batch_size=100, seed=0):
     softmax at depth p) and its top-1 accuracy; and `kept`, how often re-quantising the MoG head's drawn embedding
     returns the drawn component's code at p (what emit="requantized" keeps of π's choice; 1 for the token head).
     codes (N, L, D) int64, labels (N,) -> {p: {"ce", "top1", "kept", "n"}} over the depths that occur."""
-    D, V = model.config.depth, model.config.codebook_size
-    g = torch.Generator(device=model.codebooks.device).manual_seed(seed)
+    D = model.config.depth
+    # the masks from a generator of their own: every model is probed on the same positions, whatever it draws
+    masks = torch.Generator(device=model.codebooks.device).manual_seed(seed)
+    g = torch.Generator(device=model.codebooks.device).manual_seed(seed + 1)
     sums = torch.zeros(D, 4, dtype=torch.float64)  # per p: n, Σ ce, Σ top1, Σ kept
     for i in range(0, len(codes), batch_size):
         x, y = codes[i:i + batch_size], labels[i:i + batch_size]
-        mask = resgen.sample_mask(*x.shape, generator=g, device=x.device)
+        mask = resgen.sample_mask(*x.shape, generator=masks, device=x.device)
         visible, _ = resgen.cumulative_embeddings(x, mask, model.codebooks)
         out = model.backbone(visible, mask.sum(-1), y).float()
         p = (D - mask.sum(-1)).clamp(max=D - 1)  # (B, L)

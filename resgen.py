@@ -135,7 +135,7 @@ def cumulative_embeddings(codes, mask, codebooks):
 
 LOW_RANK_ABOVE = 64      # latent widths c above this get low-rank MoG offsets by default ...
 LOW_RANK = 64            # ... of this rank (the authors' code uses 64 for its means), lowered so that ...
-OFFSET_OUTPUTS = 1 << 14  # ... K·r stays at the free-means head's 256·64 (BENCHMARKS.md §10: V = 16384 has K = V)
+OFFSET_OUTPUTS = 1 << 14  # ... K·r stays at the free-means head's 256·64 (BENCHMARKS.md §2: V = 16384 has K = V)
 
 
 @dataclass
@@ -148,10 +148,10 @@ class ResGenConfig:
     width: int                   # C: transformer width
     layers: int                  # DiT blocks
     heads: int                   # attention heads
-    components_per_code: int = 1  # M: MoG components per code of the first masked depth (K = V·M; RESULTS.md §9)
+    components_per_code: int = 1  # M: MoG components per code of the first masked depth (K = V·M; RESULTS.md §1)
     head_layers: int = 2         # gated-MLP blocks in the MoG head before its projections
     offset_rank: int = -1        # r: per-component offsets as r-vectors lifted by c×r matrices; 0 = full; -1 = auto
-    classification_weight: float = -1.0  # λ on the MoG head's classification term; -1 = c (RESULTS.md §9)
+    classification_weight: float = -1.0  # λ on the MoG head's classification term; -1 = c (RESULTS.md §1)
     log_scale_min: float = -4.0  # floor of the MoG head's log-scale s (the authors' e^−4): a discrete target lets σ → 0
     head: str = "mog"            # "mog" (the paper) or "tokens" (predict tokens directly, the ablation)
     mlp_ratio: float = 4.0       # MLP hidden width = mlp_ratio·C, as in DiT
@@ -364,7 +364,7 @@ def requantize(z, start, codebooks, log_scale, first=None):
     The start depth differs per position, so we loop over all D depths and only subtract where j >= start_i.
     Positions go through in blocks of REQUANTIZE_ROWS, so the (positions, V) distances never set the sampling
     batch's memory. `torch.compile(requantize)` fuses each depth's minimum and confidence into one kernel after
-    the matmul (ResGen.compile_sampler; BENCHMARKS.md §8).
+    the matmul (ResGen.compile_sampler; BENCHMARKS.md §5).
 
     z (B, L, c), start (B, L) int64, codebooks (D, V, c), log_scale (B, L)
     -> tokens (B, L, D) int64, logp (B, L, D) float32 (0 where j < start_i; tokens there are meaningless).

@@ -66,7 +66,7 @@ def add_sampler_args(p):
     p.add_argument("--device", default=default_device(), help=DEVICE_HELP)
     p.add_argument("--compile", action="store_true", help="ResGen only: torch.compile the transformer and the "
                    "re-quantiser (ResGen.compile_sampler; CUDA graphs on a GPU): pays over many samples, not for one "
-                   "grid (BENCHMARKS.md 6)")
+                   "grid (BENCHMARKS.md §6)")
     p.add_argument("--classes", default=None, help="comma-separated class labels, cycled (default: balanced; with a "
                    "prompt, the real images' labels); 'null' is the null class (unconditional)")
     p.add_argument("--inpaint", default=None, choices=INPAINT_REGIONS,

@@ -828,7 +828,7 @@ def test_mog_head_emits_valid_finest_codes_as_often_as_the_token_head():
     that ignores depth D − 1 is right 3/16 of the time): both heads trained alike, then teacher-forced through the
     prompt API (real depths 1..D − 1 given, the finest generated at T = 1). The MoG head's components on the codebook
     and its weighted classification term must emit an allowed finest code at least as often as the token head's
-    softmax does (RESULTS.md §9.1: 0.84-0.86 against 0.78-0.81 over seeds 0-2; the table has the variants)."""
+    softmax does (RESULTS.md §1)."""
     codebooks, allowed = fine_task_tables()
     D, L = codebooks.shape[0], 4
     real = fine_task(500, L, allowed, torch.Generator().manual_seed(5))
