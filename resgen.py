@@ -598,13 +598,15 @@ class MoGHead(nn.Module):
         f (B, L, C) -> (B, L, V)."""
         return F.log_softmax(self.logits(f).float(), -1).unflatten(-1, (-1, self.M)).logsumexp(-1)
 
-    def sample(self, f, prefix, codebooks, top_p, temperature, generator, emit="drawn", confidence="requantizer"):
+    def sample(self, f, prefix, codebooks, top_p, temperature, generator, emit="drawn", confidence="pi"):
         """Sampler steps 2-3 (DESIGN.md §4.4): a component k = (v, m) from the top-p nucleus of π tempered by τ
         (Gumbel-max; τ = 0: the most likely), z = e(v; p_i) + b + e^s·(δ_k + τ·ε), then re-quantization from p_i.
         emit "drawn": depth p_i's token is v and the depths below re-quantise z − e(v; p_i); "requantized": every
-        token from z's re-quantisation (the offsets can move z into another code's cell). confidence of depth p_i's
-        token: the re-quantiser's log-probability ("requantizer") or log π_v ("pi"); deeper tokens always the
-        re-quantiser's. Returns tokens (B, L, D) int64 and per-token confidences (B, L, D) (0 above p_i)."""
+        token from z's re-quantisation (the offsets can move z into another code's cell). The confidence of depth
+        p_i's token: log π_v under the untempered π, as the token head's is its softmax's ("pi", the default: the
+        better Inception FID, RESULTS.md §1.2), or the re-quantiser's log-probability ("requantizer": more diverse);
+        deeper tokens always the re-quantiser's. Returns tokens (B, L, D) int64 and confidences (B, L, D) (0 above
+        p_i)."""
         D = codebooks.shape[0]
         logits = self.logits(f).float()  # (B, L, K)
         shift, log_scale = self.affine(f)
@@ -619,9 +621,10 @@ class MoGHead(nn.Module):
         z = anchor + shift + log_scale.exp() * (delta + temperature * eps)  # (B, L, c)
         tokens, logp = self.requantize(z, prefix, codebooks, log_scale.squeeze(-1), v if emit == "drawn" else None)
         if confidence == "pi":
+            log_pi = F.log_softmax(logits, -1).unflatten(-1, (-1, self.M)).logsumexp(-1)  # (B, L, V)
             at_p = torch.arange(D, device=prefix.device) == prefix.unsqueeze(-1)  # (B, L, D)
-            pi_v = self.code_log_probs(f, prefix).gather(-1, tokens.gather(-1, prefix.clamp(max=D - 1).unsqueeze(-1)))
-            logp = torch.where(at_p, pi_v, logp)
+            emitted = tokens.gather(-1, prefix.clamp(max=D - 1).unsqueeze(-1))  # (B, L, 1)
+            logp = torch.where(at_p, log_pi.gather(-1, emitted), logp)
         return tokens, logp
 
     requantize = staticmethod(requantize)  # ResGen.compile_sampler puts the compiled one on the instance
@@ -806,7 +809,7 @@ class ResGen(nn.Module):
     @torch.no_grad()
     def generate(self, labels, steps, cfg=1.0, cfg_schedule="constant", top_p=1.0, temperature=1.0,
                  choice_temperature=1.0, generator=None, schedule="cosine", batch_size=None, callback=None,
-                 prompt_codes=None, prompt_mask=None, emit="drawn", confidence="requantizer"):
+                 prompt_codes=None, prompt_mask=None, emit="drawn", confidence="pi"):
         """Confidence-ordered sampler (PAPER.md §5, DESIGN.md §4.4). T = `steps` forward passes whatever D is.
 
         labels: (B,) int64, or None for unconditional samples (then `batch_size` gives B).

@@ -35,7 +35,7 @@ from tokenizer import (DEVICE_HELP, UserError, check_writable_dir, default_devic
 
 # Sampler defaults, shared by sample.py and eval_fid.py (the paper's Fig. 3 knobs).
 SAMPLER_DEFAULTS = dict(steps=16, cfg=1.0, cfg_schedule="constant", top_p=1.0, temperature=1.0, choice_temperature=1.0,
-                        top_k=0, emit="drawn", confidence="requantizer")
+                        top_k=0, emit="drawn", confidence="pi")
 # The flags each architecture's sampler ignores (ResGen's T and confidence temperature mean nothing to an
 # autoregressive model; top-k over codes is the RQ-Transformer's, ResGen's MoG head has no codes to rank).
 IGNORED = {"resgen": ("top_k",), ARCH: ("steps", "choice_temperature", "emit", "confidence")}
@@ -57,7 +57,8 @@ def add_sampler_args(p):
                    help="MoG head: depth p's token is the code of the drawn component (drawn), or every token comes "
                    "from re-quantising the drawn embedding (requantized)")
     p.add_argument("--confidence", default=d["confidence"], choices=["requantizer", "pi"],
-                   help="MoG head: the confidence of depth p's token, the re-quantiser's log-probability or log pi_v")
+                   help="MoG head: the confidence of depth p's token, log pi_v (the default: the better Inception FID) or "
+                   "the re-quantiser's log-probability (more diverse samples)")
     p.add_argument("--top-k", type=int, default=d["top_k"], help="RQ-Transformer only: keep the k most likely codes "
                    "(0 = all); an error for ResGen")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler (same seed, same samples)")
