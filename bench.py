@@ -126,31 +126,30 @@ PEAK_BF16_TFLOPS = [
 #                                 Model FLOPs                                   #
 #################################################################################
 
-def head_params(config, sampling=False):
+def head_params(config, components=None):
     """Multiply-adds per position of the head. MoG: its gated-MLP blocks (3C² each), K = V·M logits, the shift (c)
-    and log-scale (1), and the offsets of the components it uses (MoGHead.component_offsets gathers their weights):
-    the data's code's M in training, the drawn one in sampling, w·C each (w = r or c) plus c·r for the low-rank
-    lift. Tokens: D·V logits."""
+    and log-scale (1), and the offsets of `components` components per position, w·C each (w = r or c) plus c·r for
+    the low-rank lift (MoGHead.component_offsets gathers only those): the data's code's M in training, the drawn one
+    in sampling, all K (None) for the weights the model holds. Tokens: D·V logits."""
     C, c, r = config.width, config.code_dim, config.offset_rank
     K = config.codebook_size * config.components_per_code
     if config.head != "mog":
         return C * config.depth * config.codebook_size
-    used = 1 if sampling else config.components_per_code
-    offsets = used * ((r or c) * C + c * r)
-    return config.head_layers * 3 * C * C + C * K + C * c + C + offsets
+    used = K if components is None else components
+    return config.head_layers * 3 * C * C + C * K + C * c + C + used * ((r or c) * C + c * r)
 
 
-def matmul_params(config, sampling=False):
+def matmul_params(config, components=None):
     """Weights of the matmuls, from the config: (applied per position, applied once per sequence).
 
     Per position: input projection c·C, per block qkv 3C² + attention output C² + MLP 2·mlp_ratio·C², and the
-    head (head_params). Per sequence: the adaLN modulation (6C² per block and 2C² at the output) reads only the
-    class embedding. Embedding tables are lookups, biases are adds: neither counted.
+    head (head_params, with `components` of its offsets). Per sequence: the adaLN modulation (6C² per block and 2C²
+    at the output) reads only the class embedding. Embedding tables are lookups, biases are adds: neither counted.
     """
     C, c, layers = config.width, config.code_dim, config.layers
     hidden = int(C * config.mlp_ratio)
     block = 3 * C * C + C * C + 2 * C * hidden
-    return c * C + layers * block + head_params(config, sampling), layers * 6 * C * C + 2 * C * C
+    return c * C + layers * block + head_params(config, components), layers * 6 * C * C + 2 * C * C
 
 
 def forward_flops(config, sequences, sampling=False):
@@ -163,19 +162,17 @@ def forward_flops(config, sequences, sampling=False):
     The sampler's re-quantization and selection are not model FLOPs.
     """
     L = config.length
-    per_position, per_sequence = matmul_params(config, sampling)
+    per_position, per_sequence = matmul_params(config, 1 if sampling else getattr(config, "components_per_code", 1))
     return sequences * (2 * (per_position * L + per_sequence) + 4 * config.layers * L * L * config.width)
 
 
 def check_flop_count(model):
     """The FLOP count is written from the config; fail loudly if resgen.py's layers no longer match it (the
-    linear layers' weights, the low-rank lift and the D·V codebook rows it meets, against the training count)."""
+    linear layers' weights and the low-rank lift, against the count with every component's offsets)."""
     counted = sum(matmul_params(model.config))
-    lift = model.head.lift.numel() * (1 + model.config.offset_rank / model.config.code_dim) \
-        if getattr(model.head, "lift", None) is not None else 0
-    if lift:
-        lift += model.codebooks[..., 0].numel() * model.config.code_dim  # the target against all D·V rows
-    actual = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)) + lift
+    lift = getattr(model.head, "lift", None)
+    actual = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)) + \
+        (lift.numel() if lift is not None else 0)
     if counted != actual:
         raise RuntimeError(f"bench.matmul_params counts {counted} matmul weights, the model has {actual}: "
                            "update matmul_params to the model in resgen.py")
