@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer import UserError, config_from_checkpoint, load_checkpoint, model_from_checkpoint, sized_config
+from tokenizer import (UserError, check_sizes, config_from_checkpoint, keep_codebooks, load_checkpoint,
+                       model_from_checkpoint, prompt_tensors, sized_config)
 
 
 #################################################################################
@@ -196,92 +197,6 @@ def make_config(size, **overrides):
 
 
 #################################################################################
-#                  Shared by both architectures (rqtransformer.py)              #
-#################################################################################
-
-def check_sizes(config, positive):
-    """One clear UserError for a model config's sizes: the fields named in `positive` >= 1, num_classes >= 0,
-    width divisible by heads."""
-    name = type(config).__name__
-    for field in positive:
-        if getattr(config, field) < 1:
-            raise UserError(f"{name}.{field} must be >= 1, got {getattr(config, field)}")
-    if config.num_classes < 0:
-        raise UserError(f"{name}.num_classes must be >= 0, got {config.num_classes}")
-    if config.width % config.heads:
-        raise UserError(f"{name}.width {config.width} is not divisible by heads {config.heads}")
-
-
-def keep_codebooks(model, config, codebooks):
-    """model.config = config and the codebooks (D, V, c), checked against it, as a frozen buffer: a checkpoint then
-    embeds codes and decodes samples on its own."""
-    expected = (config.depth, config.codebook_size, config.code_dim)
-    if tuple(codebooks.shape) != expected:
-        raise UserError(f"codebooks have shape {tuple(codebooks.shape)} (D, V, c) but the {type(model).__name__} "
-                        f"config expects {expected} (depth, codebook_size, code_dim)")
-    model.config = config
-    model.register_buffer("codebooks", codebooks.detach().float().clone())
-
-
-def dit_initialize(model, embeddings, ada_layers):
-    """DiT initialisation: xavier linears with zero biases, small embeddings, and zero adaLN modulation (adaLN-Zero:
-    every block starts as the identity)."""
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    for emb in embeddings:
-        nn.init.normal_(emb, std=0.02)
-    for layer in ada_layers:
-        nn.init.zeros_(layer.weight)
-        nn.init.zeros_(layer.bias)
-
-
-def sampling_rows(labels, batch_size, cfg, null_class, device):
-    """(B, guided, the class of each transformer row (R,)): R = 2B when classifier-free guidance is on (cfg != 1), the
-    conditional rows first, then the null-class rows; R = B otherwise. labels (B,) or None (unconditional: then
-    batch_size gives B). Guidance needs a class: all-null labels sample as labels=None does."""
-    if labels is None:
-        if batch_size is None:
-            raise UserError("unconditional sampling (labels=None) needs batch_size")
-        return batch_size, False, torch.full((batch_size,), null_class, dtype=torch.long, device=device)
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > null_class):
-        raise UserError(f"labels must be in 0..{null_class} ({null_class} = unconditional), "
-                        f"got {int(labels.min())}..{int(labels.max())}")
-    guided = cfg != 1.0 and labels.numel() > 0 and int(labels.min()) < null_class
-    labels = labels.to(device=device, dtype=torch.long)
-    return labels.shape[0], guided, torch.cat([labels, torch.full_like(labels, null_class)]) if guided else labels
-
-
-def prompt_tensors(prompt_codes, prompt_mask, want, V, device, check_order):
-    """A prompt's codes (B, L, D) int64 (0 where not given) and given (B, L, D) bool on `device`, or None for no
-    prompt; one clear UserError for a missing half, a wrong shape or dtype, codes out of 0..V-1 where given, or a
-    mask that check_order(prompt_mask) refuses (each architecture continues prompts of its own shape). Reads the
-    tensors on the host: once, before a sampler's step loop."""
-    if prompt_codes is None and prompt_mask is None:
-        return None
-    if prompt_codes is None or prompt_mask is None:
-        raise UserError("a prompt needs both prompt_codes and prompt_mask")
-    for name, t in (("prompt_codes", prompt_codes), ("prompt_mask", prompt_mask)):
-        if tuple(t.shape) != want:
-            raise UserError(f"{name} has shape {tuple(t.shape)}; this model samples (B, L, D) = {want}")
-    if prompt_mask.dtype != torch.bool:
-        raise UserError(f"prompt_mask must be bool (True = given), got {prompt_mask.dtype}")
-    check_order(prompt_mask)
-    if prompt_codes.dtype.is_floating_point or prompt_codes.dtype == torch.bool:
-        raise UserError(f"prompt_codes must be integer codes, got {prompt_codes.dtype}")
-    given = prompt_mask.to(device)
-    codes = torch.where(given, prompt_codes.to(device=device, dtype=torch.long), 0)
-    bad = given & ((codes < 0) | (codes >= V))
-    if bool(bad.any()):
-        b, i, j = bad.nonzero()[0].tolist()
-        raise UserError(f"prompt_codes must be in 0..{V - 1} where given; row {b}, position {i}, depth {j} "
-                        f"holds {int(codes[b, i, j])}")
-    return codes, given
-
-
-#################################################################################
 #                            Transformer (DiT blocks)                           #
 #################################################################################
 
@@ -326,9 +241,40 @@ class Block(nn.Module):
         return x
 
 
+def dit_initialize(model, embeddings, ada_layers):
+    """DiT initialisation: xavier linears with zero biases, small embeddings, and zero adaLN modulation (adaLN-Zero:
+    every block starts as the identity)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    for emb in embeddings:
+        nn.init.normal_(emb, std=0.02)
+    for layer in ada_layers:
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+
+
 #################################################################################
 #                           Sampling helpers (shared)                           #
 #################################################################################
+
+def sampling_rows(labels, batch_size, cfg, null_class, device):
+    """(B, guided, the class of each transformer row (R,)): R = 2B when classifier-free guidance is on (cfg != 1), the
+    conditional rows first, then the null-class rows; R = B otherwise. labels (B,) or None (unconditional: then
+    batch_size gives B). Guidance needs a class: all-null labels sample as labels=None does."""
+    if labels is None:
+        if batch_size is None:
+            raise UserError("unconditional sampling (labels=None) needs batch_size")
+        return batch_size, False, torch.full((batch_size,), null_class, dtype=torch.long, device=device)
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > null_class):
+        raise UserError(f"labels must be in 0..{null_class} ({null_class} = unconditional), "
+                        f"got {int(labels.min())}..{int(labels.max())}")
+    guided = cfg != 1.0 and labels.numel() > 0 and int(labels.min()) < null_class
+    labels = labels.to(device=device, dtype=torch.long)
+    return labels.shape[0], guided, torch.cat([labels, torch.full_like(labels, null_class)]) if guided else labels
+
 
 def gumbel(shape, generator, device):
     """Standard Gumbel noise -log(-log U)."""
@@ -359,12 +305,10 @@ def requantize(z, start, codebooks, log_scale, first=None):
     r_j = r_{j-1} - e(x_ij; j). The log-probability of the chosen code is log softmax_v(-||r_{j-1} - e(v;j)||²/(2σ²))
     with σ = e^s, the position's scale: how clearly z picks that code at the scale the model is unsure at.
     first (B, L) int64, optional: the code to emit at depth start_i instead of the argmin (the MoG head's drawn
-    code); the depths below are then the greedy RVQ of z − e(first; start_i), and start_i's log-probability is
-    that of `first`.
-    The start depth differs per position, so we loop over all D depths and only subtract where j >= start_i.
-    Positions go through in blocks of REQUANTIZE_ROWS, so the (positions, V) distances never set the sampling
-    batch's memory. `torch.compile(requantize)` fuses each depth's minimum and confidence into one kernel after
-    the matmul (ResGen.compile_sampler; BENCHMARKS.md §5).
+    code), with its own log-probability; the depths below are then the greedy RVQ of z − e(first; start_i).
+    All D depths are looped over, subtracting only where j >= start_i; positions go in blocks of REQUANTIZE_ROWS so
+    the (positions, V) distances never set the batch's memory; `torch.compile(requantize)` fuses each depth's
+    minimum and confidence into one kernel after the matmul (ResGen.compile_sampler; BENCHMARKS.md §5).
 
     z (B, L, c), start (B, L) int64, codebooks (D, V, c), log_scale (B, L)
     -> tokens (B, L, D) int64, logp (B, L, D) float32 (0 where j < start_i; tokens there are meaningless).
@@ -814,21 +758,17 @@ class ResGen(nn.Module):
 
         labels: (B,) int64, or None for unconditional samples (then `batch_size` gives B).
         cfg: guidance scale w on the head's features before its projections, u + w·(c − u) (the MoG head's MLP
-        output; the token head's logits, the same as guiding its input); 1 = no guidance (one pass of B rows).
-        cfg_schedule: "constant" or "linear" (w_s = 1 + (w − 1)·revealed/(L·D), per row; given tokens count as
-        revealed).
-        top_p: nucleus over mixture components (over codes for the token head). temperature: τ, the softmax
-        temperature of π and the noise scale in z = e(v; p) + b + e^s·(δ_k + τ·ε) (softmax temperature for the
-        token head). emit, confidence: how the MoG head turns its draw into tokens (MoGHead.sample).
-        choice_temperature: scale of the Gumbel noise on the confidences, annealed by (1 − s/T). Default 1.0:
-        Gumbel noise of unit scale is on the scale of the log-probabilities it perturbs (in nats), so
-        early steps mix confidence with randomness and the last steps go by confidence alone.
+        output; the token head's logits); 1 = no guidance. cfg_schedule: "constant" or "linear" (w_s = 1 + (w − 1)·
+        revealed/(L·D), per row; given tokens count as revealed). top_p: nucleus over mixture components (over
+        codes for the token head). temperature: τ, the softmax temperature of π and the noise scale in
+        z = e(v; p) + b + e^s·(δ_k + τ·ε) (the token head's softmax temperature). emit, confidence: how the MoG head
+        turns its draw into tokens (MoGHead.sample). choice_temperature: Gumbel noise on the confidences, annealed
+        by (1 − s/T); unit scale is the scale of the log-probabilities it perturbs (nats).
         generator: a torch.Generator on the model's device (same seed -> same codes).
         callback(step, codes, masked): called after each step; masked (B, L, D) bool, True = not yet revealed.
         prompt_codes (B, L, D) int, prompt_mask (B, L, D) bool (True = given, a prefix of depths at every
         position): prompted generation (inpainting, keeping coarse depths, continuation). Given tokens are
-        returned unchanged and never resampled; each row's reveal schedule covers only its tokens left to
-        generate, still in T passes.
+        returned unchanged; each row's reveal schedule covers only its tokens left, still in T passes.
         Returns codes (B, L, D) int64.
         """
         if steps != int(steps) or steps < 1:

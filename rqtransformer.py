@@ -38,9 +38,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import resgen
-from resgen import (Attention, Block, check_sizes, dit_initialize, embed_codes, gumbel, keep_codebooks, modulate,
-                    prompt_tensors, sampling_rows, top_p_filter)
-from tokenizer import UserError, config_from_checkpoint, load_checkpoint, model_from_checkpoint, sized_config
+from resgen import Attention, Block, dit_initialize, embed_codes, gumbel, modulate, sampling_rows, top_p_filter
+from tokenizer import (UserError, check_sizes, config_from_checkpoint, keep_codebooks, load_checkpoint,
+                       model_from_checkpoint, prompt_tensors, sized_config)
 
 
 #################################################################################

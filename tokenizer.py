@@ -36,7 +36,7 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 #################################################################################
-#                        Errors and checkpoint files                            #
+#             Errors, checkpoint files, and checks both models share            #
 #################################################################################
 
 class UserError(Exception):
@@ -160,6 +160,57 @@ def model_from_checkpoint(ckpt, path, model_class, config_class, what, ema=True,
     model.meta = ckpt.get("meta", {})
     model.step = ckpt.get("step", 0)
     return model.to(device).eval()
+
+
+def check_sizes(config, positive):
+    """One clear UserError for a model config's sizes: the fields named in `positive` >= 1, num_classes >= 0,
+    width divisible by heads."""
+    name = type(config).__name__
+    for field in positive:
+        if getattr(config, field) < 1:
+            raise UserError(f"{name}.{field} must be >= 1, got {getattr(config, field)}")
+    if config.num_classes < 0:
+        raise UserError(f"{name}.num_classes must be >= 0, got {config.num_classes}")
+    if config.width % config.heads:
+        raise UserError(f"{name}.width {config.width} is not divisible by heads {config.heads}")
+
+
+def keep_codebooks(model, config, codebooks):
+    """model.config = config and the codebooks (D, V, c), checked against it, as a frozen buffer: a checkpoint then
+    embeds codes and decodes samples on its own."""
+    expected = (config.depth, config.codebook_size, config.code_dim)
+    if tuple(codebooks.shape) != expected:
+        raise UserError(f"codebooks have shape {tuple(codebooks.shape)} (D, V, c) but the {type(model).__name__} "
+                        f"config expects {expected} (depth, codebook_size, code_dim)")
+    model.config = config
+    model.register_buffer("codebooks", codebooks.detach().float().clone())
+
+
+def prompt_tensors(prompt_codes, prompt_mask, want, V, device, check_order):
+    """A prompt's codes (B, L, D) int64 (0 where not given) and given (B, L, D) bool on `device`, or None for no
+    prompt; one clear UserError for a missing half, a wrong shape or dtype, codes out of 0..V-1 where given, or a
+    mask that check_order(prompt_mask) refuses (each architecture continues prompts of its own shape). Reads the
+    tensors on the host: once, before a sampler's step loop."""
+    if prompt_codes is None and prompt_mask is None:
+        return None
+    if prompt_codes is None or prompt_mask is None:
+        raise UserError("a prompt needs both prompt_codes and prompt_mask")
+    for name, t in (("prompt_codes", prompt_codes), ("prompt_mask", prompt_mask)):
+        if tuple(t.shape) != want:
+            raise UserError(f"{name} has shape {tuple(t.shape)}; this model samples (B, L, D) = {want}")
+    if prompt_mask.dtype != torch.bool:
+        raise UserError(f"prompt_mask must be bool (True = given), got {prompt_mask.dtype}")
+    check_order(prompt_mask)
+    if prompt_codes.dtype.is_floating_point or prompt_codes.dtype == torch.bool:
+        raise UserError(f"prompt_codes must be integer codes, got {prompt_codes.dtype}")
+    given = prompt_mask.to(device)
+    codes = torch.where(given, prompt_codes.to(device=device, dtype=torch.long), 0)
+    bad = given & ((codes < 0) | (codes >= V))
+    if bool(bad.any()):
+        b, i, j = bad.nonzero()[0].tolist()
+        raise UserError(f"prompt_codes must be in 0..{V - 1} where given; row {b}, position {i}, depth {j} "
+                        f"holds {int(codes[b, i, j])}")
+    return codes, given
 
 
 def file_hash(path):
