@@ -1195,7 +1195,7 @@ def match_rates(model, codes, labels, temperature=1.0, batch_size=100, seed=0):
 
 
 def match(args):
-    """eval_fid.py match: match_rates of a ResGen checkpoint on the first --n grids of a code cache, printed per
+    """eval_fid.py match: match_rates of a ResGen checkpoint on --n grids spread over a code cache, printed per
     depth and appended as one JSON line to --json-out."""
     if args.n < 1 or args.temperature < 0:
         raise UserError(f"--n must be >= 1 and --temperature >= 0 (got {args.n}, {args.temperature})")
@@ -1203,20 +1203,21 @@ def match(args):
     model = load_model(args.ckpt, device=device)
     if RQ_ARCH == arch_of(model):
         raise UserError(f"{args.ckpt} holds an RQ-Transformer; the probe reads a ResGen head")
-    codes, labels, meta = tokenizer.load_code_cache(args.codes)
-    if meta["depth"] != model.config.depth or meta["codebook_size"] != model.config.codebook_size:
-        raise UserError(f"{args.codes} has D = {meta['depth']}, V = {meta['codebook_size']} but {args.ckpt} was "
-                        f"trained on D = {model.config.depth}, V = {model.config.codebook_size}")
-    idx = tokenizer.spread_indices(len(codes), min(args.n, len(codes)))
-    x = torch.from_numpy(np.asarray(codes[idx]).astype(np.int64)).reshape(len(idx), -1, meta["depth"]).to(device)
-    y = torch.from_numpy(np.asarray(labels[idx]).astype(np.int64)).to(device)
+    if not os.path.isfile(os.path.join(args.codes, "codes.npy")):
+        raise UserError(f"--codes {args.codes} is not a code cache (codes.npy missing)")
+    x, y, _ = sample.real_prompts(args.codes, None, args.n)  # (n, L, D), (n,)
+    c = model.config
+    if x.shape[1:] != (c.length, c.depth) or int(x.max()) >= c.codebook_size:
+        raise UserError(f"{args.codes} holds codes of shape {tuple(x.shape[1:])} (L, D) up to {int(x.max())}; "
+                        f"{args.ckpt} was trained on L = {c.length}, D = {c.depth}, V = {c.codebook_size}")
+    x, y = x.to(device), y.to(device)
     rates = match_rates(model, x, y, args.temperature, args.batch_size, args.seed)
-    print(f"{args.ckpt} ({model.config.head} head), {len(idx)} grids of {args.codes}, tau {args.temperature}")
+    print(f"{args.ckpt} ({model.config.head} head), {len(x)} grids of {args.codes}, tau {args.temperature}")
     print("depth  positions  cross-entropy  top-1  re-quantised = drawn")
     for j, r in rates.items():
         print(f"{j:5d}  {r['n']:9d}  {r['ce']:13.3f}  {r['top1']:.3f}  {r['kept']:.3f}")
     if args.json_out:
-        row = {"probe": "match", "ckpt": args.ckpt, "codes": args.codes, "head": model.config.head, "n": len(idx),
+        row = {"probe": "match", "ckpt": args.ckpt, "codes": args.codes, "head": model.config.head, "n": len(x),
                "temperature": args.temperature, "seed": args.seed, "step": getattr(model, "step", None),
                "depths": {str(j): {k: round(v, 4) for k, v in r.items()} for j, r in rates.items()}}
         with open(args.json_out, "a") as f:
@@ -1231,7 +1232,7 @@ def build_match_parser():
     p.add_argument("--temperature", type=float, default=1.0, help="tau of the MoG head's draw, as sample.py's")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--seed", type=int, default=0, help="seed of the training masks and the draws")
-    p.add_argument("--device", default=tokenizer.default_device())
+    p.add_argument("--device", default=tokenizer.default_device(), help=tokenizer.DEVICE_HELP)
     p.add_argument("--json-out", default=None, help="also append the JSON line to this file")
     return p
 

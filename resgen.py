@@ -374,6 +374,16 @@ def mog_component_log_likelihood(means, shift, log_scale, z):
     return -0.5 * dist2 - 0.5 * c * math.log(2 * math.pi) - c * log_scale
 
 
+def code_components(code, M):
+    """The M mixture components of code v, k = v·M + m: code (...) int64 -> (..., M)."""
+    return code.unsqueeze(-1) * M + torch.arange(M, device=code.device)
+
+
+def code_log_pi(logits, M):
+    """log π of each code, its M components' probabilities summed: logits (..., V·M) -> (..., V)."""
+    return F.log_softmax(logits, -1).unflatten(-1, (-1, M)).logsumexp(-1)
+
+
 def mog_jensen_split(logits, code_ll, code):
     """The paper's Jensen split of the mixture NLL into a classification and a regression term (PAPER.md §3):
 
@@ -389,11 +399,9 @@ def mog_jensen_split(logits, code_ll, code):
 
     logits (..., K), code_ll (..., M): log N of x_p's M components, code (...) int64: x_p
     -> (classification (...), regression (...))."""
-    M = code_ll.shape[-1]
     with torch.no_grad():
         q = code_ll.softmax(-1)  # (..., M)
-    own = code.unsqueeze(-1) * M + torch.arange(M, device=code.device)  # (..., M): x_p's components
-    log_pi = F.log_softmax(logits, -1).gather(-1, own)
+    log_pi = F.log_softmax(logits, -1).gather(-1, code_components(code, code_ll.shape[-1]))  # (..., M): x_p's
     regression = -(q * code_ll).sum(-1)
     classification = (torch.xlogy(q, q) - q * log_pi).sum(-1)  # KL(q ‖ π); xlogy: 0·log 0 = 0
     return classification, regression
@@ -496,10 +504,6 @@ class MoGHead(nn.Module):
             delta = gathered_linear(delta, self.lift, None, k)
         return delta.view(B, L, J, self.c)
 
-    def code_components(self, code):
-        """The M components of code v: k = v·M + m. code (...) int64 -> (..., M)."""
-        return code.unsqueeze(-1) * self.M + torch.arange(self.M, device=code.device)
-
     @staticmethod
     def scored(mask):
         """How many terms the loss averages over: positions with k_i > 0."""
@@ -521,7 +525,7 @@ class MoGHead(nn.Module):
         logits = self.logits(f).float()  # (B, L, K)
         shift, log_scale = self.affine(f)
         rows = code_rows(codebooks.float(), p, code) * torch.exp(-log_scale)  # (B, L, c): e(x_p; p), normalised
-        means = rows.unsqueeze(-2) + self.component_offsets(f, self.code_components(code))  # (B, L, M, c)
+        means = rows.unsqueeze(-2) + self.component_offsets(f, code_components(code, self.M))  # (B, L, M, c)
         code_ll = mog_component_log_likelihood(means, shift, log_scale, target.float())  # (B, L, M)
         classification, regression = mog_jensen_split(logits, code_ll, code)
         valid = mask.any(-1).float()  # (B, L): positions with k_i > 0
@@ -530,7 +534,7 @@ class MoGHead(nn.Module):
             (local if count is None else count) * self.c)
         with torch.no_grad():
             mean = lambda x: (x * valid).sum() / local  # noqa: E731
-            pi = logits.softmax(-1).unflatten(-1, (-1, self.M)).sum(-1)  # (B, L, V): π over depth p's codes
+            pi = code_log_pi(logits, self.M).exp()  # (B, L, V): π over depth p's codes
             stats = {"classification": mean(classification), "regression": mean(regression) / self.c,
                      "code_acc": mean((pi.argmax(-1) == code).float()),
                      "pi_perplexity": perplexity((pi * valid.unsqueeze(-1)).sum((0, 1)) / local),
@@ -540,7 +544,7 @@ class MoGHead(nn.Module):
     def code_log_probs(self, f, start):
         """log π over the V codes of depth p_i = start (its M components summed; π is already at p_i):
         f (B, L, C) -> (B, L, V)."""
-        return F.log_softmax(self.logits(f).float(), -1).unflatten(-1, (-1, self.M)).logsumexp(-1)
+        return code_log_pi(self.logits(f).float(), self.M)
 
     def sample(self, f, prefix, codebooks, top_p, temperature, generator, emit="drawn", confidence="pi"):
         """Sampler steps 2-3 (DESIGN.md §4.4): a component k = (v, m) from the top-p nucleus of π tempered by τ
@@ -565,7 +569,7 @@ class MoGHead(nn.Module):
         z = anchor + shift + log_scale.exp() * (delta + temperature * eps)  # (B, L, c)
         tokens, logp = self.requantize(z, prefix, codebooks, log_scale.squeeze(-1), v if emit == "drawn" else None)
         if confidence == "pi":
-            log_pi = F.log_softmax(logits, -1).unflatten(-1, (-1, self.M)).logsumexp(-1)  # (B, L, V)
+            log_pi = code_log_pi(logits, self.M)  # (B, L, V)
             at_p = torch.arange(D, device=prefix.device) == prefix.unsqueeze(-1)  # (B, L, D)
             emitted = tokens.gather(-1, prefix.clamp(max=D - 1).unsqueeze(-1))  # (B, L, 1)
             logp = torch.where(at_p, log_pi.gather(-1, emitted), logp)
