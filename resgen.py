@@ -397,8 +397,7 @@ def mog_jensen_split(logits, code_ll, code):
     The bound is on the same NLL as any other q's; this q trains π toward the code the sampler emits, where the
     likelihoods alone spread q over every code that explains z at the current σ (RESULTS.md §1).
 
-    logits (..., K), code_ll (..., M): log N of x_p's M components, code (...) int64: x_p
-    -> (classification (...), regression (...))."""
+    logits (..., K), code_ll (..., M): log N of x_p's components, code (...) int64: x_p -> (classification, regression)."""
     with torch.no_grad():
         q = code_ll.softmax(-1)  # (..., M)
     log_pi = F.log_softmax(logits, -1).gather(-1, code_components(code, code_ll.shape[-1]))  # (..., M): x_p's
@@ -510,10 +509,8 @@ class MoGHead(nn.Module):
         return mask.any(-1).sum()
 
     def loss(self, f, codes, mask, target, codebooks, count=None):
-        """λ·classification + regression, the Jensen split of the mixture NLL of z_i with q fixed by the data's code
-        x_p at the first masked depth (mog_jensen_split), averaged over positions with k_i > 0, in nats per latent
-        dimension. Only x_p's M components enter: the others have q = 0.
-
+        """λ·classification + regression, the Jensen split of the mixture NLL of z_i with q on the data's code x_p at
+        the first masked depth (only its M components enter), per position with k_i > 0, in nats per dimension.
         λ = 1 is the paper's bound on the NLL; λ = c (the default) weighs a position's one V-way choice like the
         c dimensions of its regression, which otherwise drowns it (RESULTS.md §1). count: divide the sum by this
         instead of this batch's count (train.py: a share of the global batch). Stats: the classification term in
@@ -542,8 +539,7 @@ class MoGHead(nn.Module):
         return loss, stats
 
     def code_log_probs(self, f, start):
-        """log π over the V codes of depth p_i = start (its M components summed; π is already at p_i):
-        f (B, L, C) -> (B, L, V)."""
+        """log π over the V codes of depth p_i (π is already at p_i; start is unused): f (B, L, C) -> (B, L, V)."""
         return code_log_pi(self.logits(f).float(), self.M)
 
     def sample(self, f, prefix, codebooks, top_p, temperature, generator, emit="drawn", confidence="pi"):
