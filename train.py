@@ -26,6 +26,7 @@ Under torchrun the ranks agree on the stop every STOP_EVERY = 10 steps, so the g
 """
 import argparse
 import copy
+import gc
 import glob
 import json
 import math
@@ -580,6 +581,10 @@ def train(run, step):
             done = (f"saved {run.ckpt_path}" if step > progress.start_step
                     else f"{run.ckpt_path} is already at --steps; nothing to train")
             print(f"{done} (step {step})", flush=True)
+        # the DDP wrapper's reducer holds the process group: freed here, not at interpreter shutdown, where gloo's
+        # threads can abort the process after a finished run ("terminate called without an active exception")
+        del train_model
+        gc.collect()
         teardown_dist(world)
     return signum
 
