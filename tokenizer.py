@@ -15,6 +15,7 @@ the image data sets, and the code caches the ResGen model trains on (DESIGN.md Â
 Rerunning `train` with the same --out resumes from OUT/last.pt.
 """
 import argparse
+import gc
 import gzip
 import hashlib
 import json
@@ -957,8 +958,11 @@ def setup_dist():
 
 def teardown_dist(world):
     """End a torchrun process group. The barrier first: a rank that tears down while another is still writing
-    the checkpoint can abort inside gloo ("terminate called without an active exception")."""
+    the checkpoint can abort inside gloo ("terminate called without an active exception"). Callers drop their DDP
+    wrapper first and it is collected here: its reducer holds the group, which would otherwise be freed during
+    interpreter shutdown, where gloo's threads have aborted a finished run the same way."""
     if world > 1:
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
@@ -1119,6 +1123,7 @@ def cmd_train(args):
     if rank == 0:
         done = f"saved {ckpt_path}" if step > start_step else f"{ckpt_path} is already at --steps; nothing to train"
         print(f"{done} (step {step}, latent scale s = {tok.latent_scale:.4f})", flush=True)
+    del model  # the DDP wrapper, before the group it holds ends (teardown_dist)
     teardown_dist(world)
 
 

@@ -26,7 +26,6 @@ Under torchrun the ranks agree on the stop every STOP_EVERY = 10 steps, so the g
 """
 import argparse
 import copy
-import gc
 import glob
 import json
 import math
@@ -581,10 +580,7 @@ def train(run, step):
             done = (f"saved {run.ckpt_path}" if step > progress.start_step
                     else f"{run.ckpt_path} is already at --steps; nothing to train")
             print(f"{done} (step {step})", flush=True)
-        # the DDP wrapper's reducer holds the process group: freed here, not at interpreter shutdown, where gloo's
-        # threads can abort the process after a finished run ("terminate called without an active exception")
-        del train_model
-        gc.collect()
+        del train_model  # the DDP wrapper, before the group it holds ends (teardown_dist)
         teardown_dist(world)
     return signum
 
