@@ -203,8 +203,9 @@ figures:
 # (each evaluation row: `row NAME ARGS` marks NAME.done in the model's folder) is not run again, a cut training run
 # resumes.
 # On the 2-core CPU, one thread per process: a tokenizer about 15 minutes, its codes 2-5; a ResGen model 3-4.5 hours
-# (today's MoG head at D = 4: 62 minutes on two threads, its 13 rows 49), the RQ-Transformer about 4 (D = 4) and 12
-# (D = 16) hours; an Inception row 15-25 minutes (7-10 on two threads, 15 with the real statistics).
+# (today's MoG head on two threads: training 62 minutes at D = 4, 64 at D = 16, its 13 rows 49 and 48), the
+# RQ-Transformer about 4 (D = 4) and 12 (D = 16) hours; an Inception row 15-25 minutes (7-10 on two threads, 15 with
+# the real statistics).
 # One model or depth per process:
 #   OMP_NUM_THREADS=1 make depth DEPTHS=4 DEPTH_MODELS=mog &  OMP_NUM_THREADS=1 make depth DEPTHS=4 DEPTH_MODELS=tokens &
 # The 0.64-epoch study of RESULTS.md section 2.4: make depth DEPTHS="4 8 16" DEPTH_STEPS=1200 DEPTH_DECAY=constant DEPTH_FID_N=0
