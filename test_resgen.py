@@ -582,7 +582,10 @@ def test_mog_components_sit_on_the_first_masked_depths_codebook(seed, M, r):
             assert bool((fresh == 0).all())
         else:
             spread = (fresh[:, :, :, 1:] - fresh[:, :, :, :1]).pow(2).mean(-1)  # squared distance per dimension
-            assert bool((spread > 0).all()) and 0.5 < spread.mean().item() < 4.0
+            # 2 in expectation (two unit-variance draws); over all 1,000 model seeds the mean of these 5 codes spans
+            # 0.29-6.8 (a rank-2 offset has few independent draws), so the bounds reject δ = 0 or a scale off by
+            # several times, not a seed
+            assert bool((spread > 0).all()) and 0.2 < spread.mean().item() < 8.0
         for p in list(m.head.offsets.parameters()) + list(m.head.shift.parameters()) + list(m.head.log_scale.parameters()):
             p.normal_(std=0.3, generator=torch.Generator().manual_seed(seed))
         means, sigma = explicit_components(m, f, start)  # (B, L, K, c)
