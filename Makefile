@@ -189,7 +189,7 @@ figures:
 # RESULTS.md sections 0.5, 2 and 3: the RVQ-depth study at 5 epochs and the paper's Table 2 in small. Per D in DEPTHS,
 # in $(DEPTH_OUT)/d$$D: a tokenizer (DEPTH_TOK_STEPS steps, commitment DEPTH_BETA; its per-depth PSNR report in
 # reconstruct.txt) and its codes; then per model m in DEPTH_MODELS (mog and tokens: ResGen's two heads; rq: the
-# RQ-Transformer, the same size by rqtransformer.SIZES), in d$$D_$$m/:
+# RQ-Transformer, the same size by rqtransformer.SIZES; mog4: the MoG head with M = 4 components per code), in d$$D_$$m/:
 #   training: DEPTH_STEPS steps at batch DEPTH_BATCH, lr 1e-3, warm-up 100, DEPTH_DECAY decay; with DEPTH_TIME the run
 #     stops after that many seconds with a checkpoint and the target ends there: rerun it to continue (as after a kill);
 #   an Inception FID with its floor, and the fast metric on the same samples, at T in DEPTH_FID_STEPS, w = 1 and
@@ -250,8 +250,9 @@ depth: setup
 	for D in $(DEPTHS); do d=$(DEPTH_OUT)/d$$D; \
 	  $(DEPTH_TOKENIZER) \
 	  for m in $(DEPTH_MODELS); do r=$$d/d$${D}_$$m; T_ALL="4 8 16 32"; T_FID="$(DEPTH_FID_STEPS)"; \
-	    case $$m in mog) f="";; tokens) f="--head tokens";; rq) f="--arch rqtransformer"; T_ALL=16; T_FID=16;; \
-	      *) echo "error: DEPTH_MODELS takes mog, tokens and rq, not $$m" >&2; exit 2;; esac; \
+	    case $$m in mog) f="";; mog4) f="--components-per-code 4";; tokens) f="--head tokens";; \
+	      rq) f="--arch rqtransformer"; T_ALL=16; T_FID=16;; \
+	      *) echo "error: DEPTH_MODELS takes mog, mog4, tokens and rq, not $$m" >&2; exit 2;; esac; \
 	    test -f $$r/train.done || { \
 	      $(PY) train.py --data $$d/codes --out $$r $$f $(DEPTH_TRAIN); \
 	      tail -n 1 $$r/log.jsonl | grep -q '"step": $(DEPTH_STEPS),' || { \
