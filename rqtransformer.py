@@ -562,7 +562,7 @@ def _peek(path):
 
 
 def load_model(path, ema=True, device="cpu"):
-    """ResGen or RQTransformer from a train.py checkpoint, whichever it holds (DESIGN.md §7): in eval mode, with
+    """ResGen or RQTransformer from a train.py checkpoint, whichever it holds (PAPER.md §14): in eval mode, with
     `.meta` (the code cache's meta.json) and `.step`. ema=True takes the EMA weights when the checkpoint has them."""
     if checkpoint_arch(_peek(path), path) == "resgen":
         return resgen.load_resgen(path, ema=ema, device=device)

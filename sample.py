@@ -1,6 +1,6 @@
 """
 Sample images from a trained ResGen checkpoint (EMA weights) with the confidence-ordered sampler
-(DESIGN.md §4.4) and decode them with the RVQ tokenizer; or complete real images' codes (prompted generation).
+(PAPER.md §12) and decode them with the RVQ tokenizer; or complete real images' codes (prompted generation).
 An RQ-Transformer checkpoint (train.py --arch rqtransformer) samples through the same commands, autoregressively.
 
     python sample.py --n 64                                   # runs/resgen/last.pt -> samples.png

@@ -712,9 +712,9 @@ def fit_one_class(m, batches, steps):
 
 @pytest.mark.parametrize("head", ["mog", "tokens"])
 def test_mog_head_keeps_jointly_dependent_depths_consistent(head):
-    """PAPER.md's claim for the cumulative embedding: with both depths of every position revealed in ONE step
-    (T = 1), the default MoG head emits valid (depth 1, depth 2) pairs at least 85% of the time, the per-depth token
-    head cannot (at most about 1 in 4). Here depth 2 is a function of depth 1: one mode per coarse code."""
+    """The paper's claim for the cumulative embedding (PAPER.md §1): with both depths of every position revealed in
+    ONE step (T = 1), the default MoG head emits valid (depth 1, depth 2) pairs at least 85% of the time, the per-depth
+    token head cannot (at most about 1 in 4). Here depth 2 is a function of depth 1: one mode per coarse code."""
     torch.manual_seed(0)
     cfg = resgen.make_config("tiny", length=4, depth=2, codebook_size=4, code_dim=2, num_classes=1, head=head)
     m = fit_one_class(resgen.ResGen(cfg, JOINT_CODEBOOKS).train(), lambda g: joint_task(64, g), 300)
@@ -2188,7 +2188,7 @@ def test_inception_features_gray_and_rgb():
     assert np.abs(f_rgb[0] - f_rgb[2]).max() > 1e-3                      # different images, different features
     # A non-square RGB image of another size goes through the same resize.
     assert eval_fid.inception_features(rng.integers(0, 256, (1, 40, 48, 3), dtype=np.uint8), net).shape == (1, 2048)
-    # The preprocessing DESIGN.md §8 asks for: [0, 1] -> bilinear 299x299 -> 2x - 1.
+    # The preprocessing of PAPER.md §15: [0, 1] -> bilinear 299x299 -> 2x - 1.
     x = eval_fid.preprocess_for_inception(np.array([0, 255], dtype=np.uint8).reshape(1, 2, 1, 1))  # (1, H=2, W=1, C=1)
     assert x.shape == (1, 3, 299, 299) and x.min() == -1.0 and x.max() == 1.0
 

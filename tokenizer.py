@@ -1,6 +1,6 @@
 """
 RVQ tokenizer: residual vector quantization, the RVQ-VAE that turns images into (h, w, D) code grids,
-the image data sets, and the code caches the ResGen model trains on (DESIGN.md §4.1, §5, §6).
+the image data sets, and the code caches the ResGen model trains on (PAPER.md §9, §14; README.md has the commands).
 
     # Fashion-MNIST demo tokenizer on the CPU (a few minutes)
     python tokenizer.py train  --data fashion_mnist --out runs/tokenizer
@@ -136,7 +136,7 @@ def config_from_checkpoint(ckpt, path, config_class, what):
 
 
 def model_from_checkpoint(ckpt, path, model_class, config_class, what, ema=True, device="cpu"):
-    """`model_class` (ResGen or RQTransformer) with the weights of a train.py checkpoint already read (DESIGN.md §7),
+    """`model_class` (ResGen or RQTransformer) with the weights of a train.py checkpoint already read (PAPER.md §14),
     in eval mode, with `.meta` (the code cache's meta.json) and `.step` attached: the one loader of both
     architectures. ema=True takes the EMA weights when the checkpoint has them; a state dict that does not fit the
     model its config describes (missing, extra or reshaped entries) is a UserError that lists them."""
@@ -273,7 +273,7 @@ def _is_dist():
 
 
 class RVQ(nn.Module):
-    """Residual vector quantizer with D codebooks of V codes (DESIGN.md §4.1, PAPER.md §2).
+    """Residual vector quantizer with D codebooks of V codes (PAPER.md §2, §9).
 
     Greedy residual quantization: r_0 = z; x_j = argmin_v ||r_{j-1} - e(v; j)||^2; r_j = r_{j-1} - e(x_j; j).
     The quantized latent is sum_j e(x_j; j). Codebooks are learned by EMA (no gradients), with Laplace
@@ -543,7 +543,7 @@ class Decoder(nn.Module):
 
 
 class Tokenizer(nn.Module):
-    """RVQ-VAE: conv encoder -> RVQ over the (h, w) grid -> conv decoder (DESIGN.md §4.1).
+    """RVQ-VAE: conv encoder -> RVQ over the (h, w) grid -> conv decoder (PAPER.md §9).
 
     Images are float (B, C, H, W) in [-1, 1]; codes are (B, h, w, D) int64.
     """
@@ -838,7 +838,7 @@ def code_range(codes, chunk=1 << 16):
 @torch.no_grad()
 def codes_latent_scale(codes, codebooks, max_rows=10000):
     """s = 1 / std of the quantized latents Σ_j e(x_j; j) of (up to max_rows evenly spread) code grids, the
-    latent scale of DESIGN.md §4.1 measured on the codes themselves.  codes (N, ..., D), codebooks (D, V, c)."""
+    latent scale of PAPER.md §9 measured on the codes themselves.  codes (N, ..., D), codebooks (D, V, c)."""
     x = torch.from_numpy(np.asarray(codes[spread_indices(len(codes), max_rows)]).astype(np.int64))
     D, V, c = codebooks.shape
     zq = F.embedding(x + torch.arange(D) * V, torch.as_tensor(codebooks).float().reshape(D * V, c)).sum(-2).double()
@@ -852,7 +852,7 @@ def save_code_cache(out, codes, labels, codebooks, latent_scale=None, num_classe
     codes: ints (N, L, D) (sequences, e.g. audio frames) or (N, h, w, D) (image grids), each in 0..V-1.
     labels: ints (N,) in 0..num_classes-1, or None (one class: unconditional data).
     codebooks: float (D, V, c), code v of depth j is codebooks[j, v] (the tokenizer's units; a shared codebook is
-    repeated D times). latent_scale: s, default 1 / std of the quantized latents of the codes (DESIGN.md §4.1).
+    repeated D times). latent_scale: s, default 1 / std of the quantized latents of the codes (PAPER.md §9).
     num_classes: default labels.max() + 1. Memory-mapped inputs are copied in chunks.
     Writes out/codes.npy (uint16), labels.npy (int64), codebooks.npy (float32) and meta.json; returns the meta dict.
     """
@@ -1047,7 +1047,7 @@ def tokenizer_batch(ds, step, args, rank, world, device):
 
 
 def save_tokenizer(tok, opt, ds, step, args, num_classes, path):
-    """last.pt; the one written at --steps first measures the latent scale s on the training images (DESIGN.md §4.1),
+    """last.pt; the one written at --steps first measures the latent scale s on the training images (PAPER.md §9),
     once training has ended."""
     if step == args.steps:
         tok.eval()

@@ -1,5 +1,5 @@
 """
-Train ResGen on a cache of RVQ codes (DESIGN.md §4.2, §4.3, §6, §7).
+Train ResGen on a cache of RVQ codes (PAPER.md §10, §11, §13, §14).
 
     # 1 CPU (the Fashion-MNIST demo model)
     python train.py --data runs/fashion_mnist_codes --model small --out runs/resgen --steps 1200 --batch-size 32 --lr 1e-3 --warmup 100 --device cpu
@@ -504,7 +504,7 @@ def log_step(run, step, progress, lr, loss_sum, grad_norm, stats):
 
 
 def save_state(run, step):
-    """last.pt (DESIGN.md §7): model, EMA, optimiser, step, data position, every rank's RNG state, the config, the
+    """last.pt (PAPER.md §14): model, EMA, optimiser, step, data position, every rank's RNG state, the config, the
     cache's meta and the flags; rank 0 writes it (atomically: a temporary file, then a rename)."""
     rngs = [rng_state(run.device)]
     if run.world > 1:  # every rank's RNG state, so masks and label drops resume exactly
