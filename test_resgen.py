@@ -2694,3 +2694,74 @@ def test_bench_quick_runs_every_row(tmp_path):
     assert all(r["growth"] > 0 for r in versus.values())
     if not torch.cuda.is_available():
         assert "not measured (no CUDA)" in p.stdout
+
+
+#################################################################################
+#           Repository: the files and sections its documents name exist          #
+#################################################################################
+
+DOC_FILE = re.compile(r"\b[A-Z][A-Za-z_]*\.md\b")  # README.md, RESULTS.md, ...: the repository's documents
+DOC_SECTIONS = re.compile(r"\b([A-Z][A-Za-z_]*\.md)((?:,? (?:and )?§\d+(?:\.\d+)*(?:-§\d+(?:\.\d+)*)?)+)")
+MD_LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)\s]*)?\)")
+HEADING_NUMBER = re.compile(r"^#+\s+(\d+(?:\.\d+)*)\.?\s", re.M)
+NOT_REPOSITORY = ("runs", "__pycache__", "venv", "env", "site-packages", "node_modules", "build", "dist")  # no git
+
+
+def repository_files():
+    """(every tracked file that exists, the text files among them to scan): `git ls-files`, or without git (or outside
+    a git checkout) a walk of the tree that skips hidden folders but .ci, caches, environments and run outputs.
+    Paths relative to HERE."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z"], cwd=HERE, capture_output=True, text=True, timeout=60,
+                             check=True).stdout
+        files = [f for f in out.split("\0") if f]
+    except (OSError, subprocess.SubprocessError):
+        files = []
+    if not files:
+        for root, dirs, names in os.walk(HERE):
+            dirs[:] = [d for d in dirs if d == ".ci" or not (d.startswith(".") or d in NOT_REPOSITORY
+                                                             or os.path.isfile(os.path.join(root, d, "pyvenv.cfg")))]
+            files += [os.path.relpath(os.path.join(root, n), HERE).replace(os.sep, "/") for n in names]
+    files = {f for f in files if os.path.isfile(os.path.join(HERE, f))}
+    return files, sorted(f for f in files if f.endswith((".py", ".md")) or f in ("Makefile", ".ci/run"))
+
+
+def test_every_document_file_path_and_section_named_exists():
+    """What a clone must be able to follow: every Markdown document a tracked text file names (`*.md`) is a tracked
+    file; every path into a tracked folder (figures/..., .ci/...) exists, unless it is a template built from make or
+    shell variables; every relative Markdown link points at a file; and every numbered section cited as a
+    document's name and §N (or §N.M, lists like "§1, §6" and ranges "§3-§5") is a numbered heading of it. Paths into
+    folders the repository does not hold (runs/..., /tmp/..., samples.png written by a command) are outputs, not
+    references, and are not checked."""
+    files, texts = repository_files()
+    assert "README.md" in files and "test_resgen.py" in files, "could not list the repository's files"
+    names = {f.rsplit("/", 1)[-1] for f in files}
+    folders = {f.split("/")[0] for f in files if "/" in f}
+    existing = files | {f.rsplit("/", k)[0] for f in files for k in range(1, f.count("/") + 1)}
+    # a path that starts a word (not runs/x/figures/...), up to the first character a plain path does not hold
+    into_folder = re.compile(r"(?<![\w./$)~-])((?:%s)/[\w./-]*)(.?)" % "|".join(map(re.escape, sorted(folders))))
+    sections = {}
+    for f in files:
+        if f.endswith(".md"):
+            with open(os.path.join(HERE, f), encoding="utf-8") as fh:
+                sections[f.rsplit("/", 1)[-1]] = set(HEADING_NUMBER.findall(fh.read()))
+    problems = []
+    for f in texts:
+        with open(os.path.join(HERE, f), encoding="utf-8") as fh:
+            text = fh.read()
+        problems += [f"{f}: names {doc}, not a tracked file" for doc in sorted(set(DOC_FILE.findall(text)) - names)]
+        for path, after in into_folder.findall(text) if folders else ():
+            path = path.rstrip(".,:;")
+            if not (after and after in "$({*<") and path.rstrip("/") not in existing:  # $$D, $(OUT), {name}: templates
+                problems.append(f"{f}: names {path}, which the repository does not contain")
+        if f.endswith(".md"):
+            base = f.rsplit("/", 1)[0] + "/" if "/" in f else ""
+            for target in MD_LINK.findall(text):
+                local = os.path.normpath(base + target).replace(os.sep, "/")
+                if not re.match(r"[a-z][a-z0-9+.-]*:", target) and local not in existing:  # not https:, mailto:
+                    problems.append(f"{f}: links to {target}, which the repository does not contain")
+        for doc, cited in DOC_SECTIONS.findall(text):
+            for number in re.findall(r"§(\d+(?:\.\d+)*)", cited):
+                if doc in sections and number not in sections[doc]:
+                    problems.append(f"{f}: cites {doc} §{number}, which has no such numbered section")
+    assert not problems, "references a clone cannot follow:\n" + "\n".join(sorted(set(problems)))
