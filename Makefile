@@ -3,7 +3,7 @@
 # make study: RESULTS.md section 6 (the K = 16 head's study; today's heads have no rows yet) on one GPU (after make demo's first two stages): three models, then the FID grid
 # make prompted: RESULTS.md sections 5.1-5.2 (after make demo): inpainting and re-detailing pictures and numbers on the demo
 #                model (or PROMPT_CKPT=...), and synthetic RVQ / 1-D code caches trained and sampled end to end
-# make sweep: the sampler grids of RESULTS.md section 4 with the fast metric (--no-fid) for SWEEP_CKPTS
+# make sweep: RESULTS.md section 4, Fig. 3c (confidence temperature) and tau with the fast metric for SWEEP_CKPTS
 # make figures: the paper's Fig. 2 and Fig. 3 from the JSON lines in FIGURE_RESULTS, as PNGs in figures/
 # make bench-gpu: every GPU row of BENCHMARKS.md (xl, eager and compiled) in one run of at most 8 minutes
 # make depth: RESULTS.md sections 0.5 and 2.3, RVQ depth 4 / 16 at 5 epochs: tokenizers, MoG and token heads, FID, the fast
@@ -156,24 +156,28 @@ prompted: setup
 	    --codes-out $(PROMPT_OUT)/$${c}_samples.npy; \
 	  $(PY) -c "$$CODE_AGREEMENT" $(PROMPT_OUT)/$$c $(PROMPT_OUT)/$${c}_samples.npy | tee -a $(PROMPT_OUT)/codes.txt; done
 
-# The grids of RESULTS.md section 4 (and of section 6's earlier heads) (T x w at tau = 0.7; then top-p, confidence temperature and tau
-# at T = 16, w = 3) for every checkpoint in SWEEP_CKPTS, scored without Inception: fd_classifier and its floor,
-# precision/recall, class accuracy and sampling seconds per image, one JSON line each in SWEEP_OUT. About 15 rows
-# per checkpoint; on the 2-core CPU at SWEEP_N = 2000 each row is mostly sampling (1-5 minutes).
-# Example: make sweep SWEEP_CKPTS="runs/resgen/last.pt runs/resgen_tokens/last.pt" SWEEP_N=1000
+# RESULTS.md section 4, the paper's Fig. 3c and the tau rows, for every ResGen checkpoint in SWEEP_CKPTS, scored with
+# the fast metric (no Inception: fd_classifier and its floor, precision/recall, class accuracy, seconds per image), one
+# JSON line each in SWEEP_OUT: at T = 16 and w = 1, 3, the confidence temperature over SWEEP_CHOICE at tau = 0.7, then
+# tau = 1 at SWEEP_TAU1_CHOICE (50: the reveal order is random but for the last steps, as the noise is annealed).
+# A finished row is marked in the checkpoint's folder (sweep_N$(SWEEP_N)_NAME.done) and not run again, so a cut sweep
+# resumes. On the 2-core CPU one row at N = 500 takes 1-2 minutes of one core.
+# Example: OMP_NUM_THREADS=1 make sweep SWEEP_CKPTS="runs/depth/d16/d16_mog/last.pt runs/depth/d16/d16_tokens/last.pt"
 SWEEP_CKPTS ?= $(RUNS)/resgen/last.pt
-SWEEP_N ?= 2000
+SWEEP_N ?= 500
+SWEEP_CHOICE ?= 0 1 2 4.5 10 50
+SWEEP_TAU1_CHOICE ?= 1 50
 SWEEP_OUT ?= $(RUNS)/sweep.jsonl
-SWEEP_EVAL = --no-fid --n $(SWEEP_N) --ref train --ref-n $(SWEEP_N) $(EVAL_FILES) \
+SWEEP_EVAL = --no-fid --n $(SWEEP_N) --ref train --ref-n 10000 --steps 16 $(EVAL_FILES) --batch-size 100 \
   --json-out $(SWEEP_OUT) $(if $(SWEEP_DEVICE),--device $(SWEEP_DEVICE))
 
 sweep: setup
-	@set -e; for c in $(SWEEP_CKPTS); do \
-	  for T in 4 8 16 32; do for w in 1 3; do \
-	    $(PY) eval_fid.py --ckpt $$c $(SWEEP_EVAL) --steps $$T --cfg $$w --temperature 0.7; done; done; \
-	  for x in "--top-p 0.5" "--top-p 0.8" "--choice-temperature 0" "--choice-temperature 4" \
-	           "--temperature 0" "--temperature 0.4" "--temperature 1.0"; do \
-	    $(PY) eval_fid.py --ckpt $$c $(SWEEP_EVAL) --steps 16 --cfg 3 --temperature 0.7 $$x; done; done
+	@set -e; $(CLASSIFIER) $(or $(SWEEP_DEVICE),cpu); \
+	row() { m=$$r/sweep_N$(SWEEP_N)_$$1.done; test -f $$m || { shift; $(PY) eval_fid.py --ckpt $$c $(SWEEP_EVAL) "$$@"; touch $$m; }; }; \
+	for c in $(SWEEP_CKPTS); do r=$$(dirname $$c); for w in 1 3; do \
+	  for x in $(SWEEP_CHOICE); do row ct$${x}_w$${w} --cfg $$w --temperature 0.7 --choice-temperature $$x; done; \
+	  for x in $(SWEEP_TAU1_CHOICE); do row tau1_ct$${x}_w$${w} --cfg $$w --temperature 1.0 --choice-temperature $$x; done; \
+	done; done
 
 # Figures from JSON lines of any evaluations (make sweep's, make study's, single runs with --json-out):
 # METRIC_vs_{steps,top_p,choice_temperature,temperature,seconds}.png for each metric that has two or more
@@ -189,7 +193,7 @@ figures:
 # RESULTS.md sections 0.5, 2 and 3: the RVQ-depth study at 5 epochs and the paper's Table 2 in small. Per D in DEPTHS,
 # in $(DEPTH_OUT)/d$$D: a tokenizer (DEPTH_TOK_STEPS steps, commitment DEPTH_BETA; its per-depth PSNR report in
 # reconstruct.txt) and its codes; then per model m in DEPTH_MODELS (mog and tokens: ResGen's two heads; rq: the
-# RQ-Transformer, the same size by rqtransformer.SIZES; mog4: the MoG head with M = 4 components per code), in d$$D_$$m/:
+# RQ-Transformer, the same size by rqtransformer.SIZES; mog1: the MoG head with M = 1 component per code), in d$$D_$$m/:
 #   training: DEPTH_STEPS steps at batch DEPTH_BATCH, lr 1e-3, warm-up 100, DEPTH_DECAY decay; with DEPTH_TIME the run
 #     stops after that many seconds with a checkpoint and the target ends there: rerun it to continue (as after a kill);
 #   an Inception FID with its floor, and the fast metric on the same samples, at T in DEPTH_FID_STEPS, w = 1 and
@@ -250,9 +254,9 @@ depth: setup
 	for D in $(DEPTHS); do d=$(DEPTH_OUT)/d$$D; \
 	  $(DEPTH_TOKENIZER) \
 	  for m in $(DEPTH_MODELS); do r=$$d/d$${D}_$$m; T_ALL="4 8 16 32"; T_FID="$(DEPTH_FID_STEPS)"; \
-	    case $$m in mog) f="";; mog4) f="--components-per-code 4";; tokens) f="--head tokens";; \
+	    case $$m in mog) f="";; mog1) f="--components-per-code 1";; tokens) f="--head tokens";; \
 	      rq) f="--arch rqtransformer"; T_ALL=16; T_FID=16;; \
-	      *) echo "error: DEPTH_MODELS takes mog, mog4, tokens and rq, not $$m" >&2; exit 2;; esac; \
+	      *) echo "error: DEPTH_MODELS takes mog, mog1, tokens and rq, not $$m" >&2; exit 2;; esac; \
 	    test -f $$r/train.done || { \
 	      $(PY) train.py --data $$d/codes --out $$r $$f $(DEPTH_TRAIN); \
 	      tail -n 1 $$r/log.jsonl | grep -q '"step": $(DEPTH_STEPS),' || { \

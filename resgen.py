@@ -149,7 +149,7 @@ class ResGenConfig:
     width: int                   # C: transformer width
     layers: int                  # DiT blocks
     heads: int                   # attention heads
-    components_per_code: int = 1  # M: MoG components per code of the first masked depth (K = V·M; RESULTS.md §1)
+    components_per_code: int = 4  # M: MoG components per code of the first masked depth (K = V·M; RESULTS.md §1.3)
     head_layers: int = 2         # gated-MLP blocks in the MoG head before its projections
     offset_rank: int = -1        # r: per-component offsets as r-vectors lifted by c×r matrices; 0 = full; -1 = auto
     classification_weight: float = -1.0  # λ on the MoG head's classification term; -1 = c (RESULTS.md §1)
@@ -752,7 +752,7 @@ class ResGen(nn.Module):
 
     @torch.no_grad()
     def generate(self, labels, steps, cfg=1.0, cfg_schedule="constant", top_p=1.0, temperature=1.0,
-                 choice_temperature=1.0, generator=None, schedule="cosine", batch_size=None, callback=None,
+                 choice_temperature=50.0, generator=None, schedule="cosine", batch_size=None, callback=None,
                  prompt_codes=None, prompt_mask=None, emit="drawn", confidence="pi"):
         """Confidence-ordered sampler (PAPER.md §5, §12). T = `steps` forward passes whatever D is.
 
@@ -763,7 +763,8 @@ class ResGen(nn.Module):
         codes for the token head). temperature: τ, the softmax temperature of π and the noise scale in
         z = e(v; p) + b + e^s·(δ_k + τ·ε) (the token head's softmax temperature). emit, confidence: how the MoG head
         turns its draw into tokens (MoGHead.sample). choice_temperature: Gumbel noise on the confidences, annealed
-        by (1 − s/T); unit scale is the scale of the log-probabilities it perturbs (nats).
+        by (1 − s/T); unit scale is the scale of the log-probabilities it perturbs (nats); the default, 50, drowns
+        them until the last steps, a random reveal order, which scored best for both heads (RESULTS.md §4.4).
         generator: a torch.Generator on the model's device (same seed -> same codes).
         callback(step, codes, masked): called after each step; masked (B, L, D) bool, True = not yet revealed.
         prompt_codes (B, L, D) int, prompt_mask (B, L, D) bool (True = given, a prefix of depths at every

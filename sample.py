@@ -29,16 +29,17 @@ import time
 import numpy as np
 import torch
 
+import resgen
 from rqtransformer import ARCH, arch_of, load_model
 from tokenizer import (DEVICE_HELP, UserError, check_writable_dir, default_device, file_hash, load_code_cache, load_tokenizer,
                        parse_device, real_images, run_cli, save_grid, save_npy, spread_indices, to_float, to_uint8)
 
 # Sampler defaults, shared by sample.py and eval_fid.py (the paper's Fig. 3 knobs).
-SAMPLER_DEFAULTS = dict(steps=16, cfg=1.0, cfg_schedule="constant", top_p=1.0, temperature=1.0, choice_temperature=1.0,
-                        top_k=0, emit="drawn", confidence="pi")
+SAMPLER_DEFAULTS = dict(steps=16, cfg=1.0, cfg_schedule="constant", top_p=1.0, temperature=1.0, choice_temperature=50.0,
+                        top_k=0, emit="drawn", confidence="pi", schedule="cosine")
 # The flags each architecture's sampler ignores (ResGen's T and confidence temperature mean nothing to an
 # autoregressive model; top-k over codes is the RQ-Transformer's, ResGen's MoG head has no codes to rank).
-IGNORED = {"resgen": ("top_k",), ARCH: ("steps", "choice_temperature", "emit", "confidence")}
+IGNORED = {"resgen": ("top_k",), ARCH: ("steps", "choice_temperature", "emit", "confidence", "schedule")}
 
 
 def add_sampler_args(p):
@@ -51,6 +52,8 @@ def add_sampler_args(p):
                    help="w constant, or rising linearly with the revealed fraction")
     p.add_argument("--top-p", type=float, default=d["top_p"], help="nucleus over mixture components, in (0, 1]")
     p.add_argument("--temperature", type=float, default=d["temperature"], help="tau: z = e(v; p) + b + e^s (delta_k + tau * eps) (MoG); softmax temperature (tokens)")
+    p.add_argument("--schedule", default=d["schedule"], choices=sorted(resgen.SCHEDULES),
+                   help="gamma: the masked fraction after step s is gamma(s/T) (cosine reveals most tokens in the last steps)")
     p.add_argument("--choice-temperature", type=float, default=d["choice_temperature"],
                    help="Gumbel noise on the confidences, annealed to 0 over the steps (ResGen)")
     p.add_argument("--emit", default=d["emit"], choices=["drawn", "requantized"],
