@@ -643,7 +643,7 @@ def test_head_loss_is_the_weighted_split_with_q_on_the_data_code(M, r):
     grad = m.head.offsets.weight.grad.view(5, M, -1).abs().sum((1, 2))  # per code v of depth p
     x_p = codes.gather(-1, start.clamp(max=2).unsqueeze(-1)).squeeze(-1)[valid]
     assert bool((grad[torch.tensor([v not in x_p.tolist() for v in range(5)])] == 0).all())
-    one = tiny_model(L=3, D=2, V=1, c=4, classification_weight=5.0)
+    one = tiny_model(L=3, D=2, V=1, c=4, components_per_code=1, classification_weight=5.0)
     f, z, mask = head_inputs(one, 5, 3, 4)
     loss, stats = one.head.loss(f, torch.zeros(5, 3, 2, dtype=torch.long), mask, z, one.codebooks)
     means, sigma = explicit_components(one, f, 2 - mask.sum(-1))
