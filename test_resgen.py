@@ -794,7 +794,8 @@ def test_probe_teacher_forced_pi_matches_the_token_head():
     """eval_fid.match_rates on the stochastic-fine-depth task, both heads trained alike: the MoG head's π, trained on
     the data's code, predicts it teacher-forced about as well as the token head's softmax (cross-entropy within 0.15
     nats of it at every depth; below depth 1, well under a uniform guess's log V), and its drawn code survives re-quantisation
-    at least 85% of the time at every depth (0.89-0.97 here)."""
+    at least 80% of the time at every depth (0.89-0.97 with M = 1; 0.85-1.0 with the default M = 4, whose code's
+    components start apart and move z further from its code)."""
     codebooks, allowed = fine_task_tables()
     D, L = codebooks.shape[0], 4
     real = fine_task(400, L, allowed, torch.Generator().manual_seed(5))
@@ -810,7 +811,7 @@ def test_probe_teacher_forced_pi_matches_the_token_head():
         assert mog["ce"] <= tok["ce"] + 0.15, rates
         if j > 1:  # depth 1 is uniform; below, FINE_ALLOWED codes of FINE_V are possible
             assert tok["ce"] < math.log(FINE_V) - 0.5, rates
-        assert mog["kept"] >= 0.85 and tok["kept"] == 1.0, rates
+        assert mog["kept"] >= 0.8 and tok["kept"] == 1.0, rates
 
 
 FINE_V, FINE_ALLOWED, FINE_STEPS = 16, 3, 600
@@ -971,7 +972,7 @@ def test_sampler_invariants(head, D, steps, cfg, top_p, choice):
 def test_sampler_seeded_and_cfg_one_is_conditional(head):
     m = tiny_model(L=6, D=4, head=head)
     labels = torch.tensor([1, 2, 4, 0])
-    run = lambda **kw: m.generate(labels, 5, generator=torch.Generator().manual_seed(7), top_p=0.9, **kw)
+    run = lambda **kw: m.generate(labels, 5, generator=torch.Generator().manual_seed(7), top_p=0.9, choice_temperature=1.0, **kw)
     a = run()
     assert torch.equal(a, run())  # same seed, same codes
     assert torch.equal(a, run(cfg=1.0))
