@@ -421,12 +421,16 @@ def gathered_linear(x, weight, bias, index, max_elements=1 << 26):
     """y_n = W[index_n]·x_n + b[index_n]: one of K linear maps per row, without computing the other K − 1.
 
     x (N, in), weight (K, out, in), bias (K, out) or None, index (N,) int64 -> (N, out). Rows go in chunks of
-    static size so the gathered weights stay under max_elements (no host sync, bounded memory)."""
-    N, (n_out, n_in) = x.shape[0], weight.shape[1:]
+    static size so the gathered weights stay under max_elements (no host sync, bounded memory). The rows are
+    gathered with F.embedding, not weight[index]: on the CPU the backward of advanced indexing adds the N rows'
+    gradients with atomic float adds from several threads, in whatever order they run (training was then not
+    reproducible at more than one thread); embedding's backward adds them in index order, and runs faster."""
+    N, (K, n_out, n_in) = x.shape[0], weight.shape
     rows = max(1, max_elements // (n_out * n_in))
-    y = torch.cat([torch.bmm(weight[index[i:i + rows]], x[i:i + rows].unsqueeze(-1)).squeeze(-1)
-                   for i in range(0, N, rows)]) if N else x.new_zeros(0, n_out)
-    return y if bias is None else y + bias[index]
+    flat = weight.reshape(K, n_out * n_in)
+    y = torch.cat([torch.bmm(F.embedding(index[i:i + rows], flat).view(-1, n_out, n_in), x[i:i + rows].unsqueeze(-1))
+                   .squeeze(-1) for i in range(0, N, rows)]) if N else x.new_zeros(0, n_out)
+    return y if bias is None else y + F.embedding(index, bias)
 
 
 class GatedMLPBlock(nn.Module):

@@ -17,7 +17,8 @@ Train ResGen on a cache of RVQ codes (PAPER.md §10, §11, §13, §14).
 tokenizer), or by `tokenizer.save_code_cache` from the codes of any RVQ tokenizer (the cache then carries its
 codebooks.npy and needs no tokenizer checkpoint). Codes (N, h, w, D) are image grids, (N, L, D) sequences.
 Rerunning the same command resumes from OUT/last.pt: model, EMA, optimiser, step, data position and RNG
-states, so an interrupted run ends where an uninterrupted one would. `--time-limit SECONDS` ends a run early
+states, so an interrupted run ends where an uninterrupted one would: bit for bit on the CPU when both have the
+same number of threads (another thread count can change the last bits). `--time-limit SECONDS` ends a run early
 with a checkpoint (a job's wall-clock limit); the same command without it, or with a new limit, continues.
 SIGTERM or SIGINT (a scheduler's stop, `timeout`, a container stop, Ctrl-C) does the same: the current optimiser
 step finishes, last.pt is written as at any checkpoint, and the run exits with 128 + the signal number (143, 130).
