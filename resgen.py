@@ -190,6 +190,7 @@ class ResGenConfig:
 SIZES = {
     "tiny":  dict(width=64, layers=2, heads=4),      # tests: seconds on a CPU
     "small": dict(width=192, layers=6, heads=3),     # Fashion-MNIST demo on a CPU (4M parameters)
+    "mini":  dict(width=128, layers=4, heads=4),     # make tts on one CPU thread (speech.py)
     "base":  dict(width=768, layers=12, heads=12),   # DiT-B
     "large": dict(width=1024, layers=24, heads=16),  # DiT-L
     "xl":    dict(width=1152, layers=24, heads=16),  # DiT-XL, the paper's 574M

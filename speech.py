@@ -225,7 +225,7 @@ def log_mel(x):
     return torch.log((FILTERS @ mag).clamp_min(1e-5))
 
 
-def griffin_lim(logmel, iters=48, momentum=0.99, seed=0):
+def griffin_lim(logmel, iters=32, momentum=0.99, seed=0):
     """Log-mel (B, N_MELS, T) -> waveform (B, T·HOP): the mel is mapped back to linear magnitudes by the filterbank's
     pseudo-inverse, then the phase is found by the fast Griffin-Lim iteration (Perraudin et al. 2013): alternate
     projections between consistent spectrograms (stft of an istft) and the given magnitudes, with momentum."""
