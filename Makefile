@@ -10,6 +10,8 @@
 #             metric over T x w, the coarse-depth probe, Fig. 2 (section 2.4's shorter study with other settings)
 # make curves: RESULTS.md sections 1 and 3, quality against training: MoG, tokens and the RQ-Transformer on make depth's D = 4
 #              codes to 20 epochs, checkpoints kept at epochs 1, 2, 5, 10, 20 and scored, the figure against training steps
+# make tts: RESULTS.md section 7, zero-shot TTS in small on the CPU (1 thread, < 30 min): espeak-ng voices -> mel codec
+#           -> codes with text -> ResGen (MoG and token heads) -> continuations of unseen speakers -> WAVs and the table
 # make table2: RESULTS.md section 3, the paper's Table 2 in small: make depth with the RQ-Transformer beside ResGen's
 #              heads (same codes, size and budget), and the sampling-time bench row
 PY ?= python3
@@ -23,7 +25,7 @@ CLASSIFIER = test -f $(RUNS)/classifier.pt || $(PY) eval_fid.py train-classifier
 # real-image statistics (eval_fid.py's own --cache-dir default is relative to the working directory)
 EVAL_FILES = --classifier $(RUNS)/classifier.pt --cache-dir $(RUNS)/fid_stats
 
-.PHONY: setup setup-test demo test study prompted sweep figures bench-gpu depth table2 curves clean
+.PHONY: setup setup-test setup-tts tts demo test study prompted sweep figures bench-gpu depth table2 curves clean
 
 setup:
 	$(PY) -m pip install --quiet torch==2.13.0
@@ -36,6 +38,54 @@ setup:
 setup-test: setup
 	$(PY) -m pip install --quiet -r requirements-test.txt
 	$(PY) -m pip install --quiet --no-deps pytorch-fid==0.3.0
+	@$(ESPEAK_NG)
+
+# espeak-ng (Debian's) speaks the TTS data; the speech tests call it too
+ESPEAK_NG = command -v espeak-ng >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq espeak-ng; }
+
+# What only make tts needs: the recogniser (pocketsphinx, its English model in the wheel), jiwer for the error
+# rates, the speaker encoder (resemblyzer, its weights in the wheel; its webrtcvad imports pkg_resources, gone
+# from setuptools 81), matplotlib for the figure.
+setup-tts:
+	@$(ESPEAK_NG)
+	$(PY) -m pip install --quiet pocketsphinx==5.1.1 jiwer==4.0.0 resemblyzer==0.1.4 "setuptools<81" matplotlib
+
+# RESULTS.md section 7. Stages are skipped when their output exists (rerun to resume); the rows of the table are
+# JSON lines in $(TTS_OUT)/results.jsonl (rewritten each run), the sampling cost against D in bench_depth.jsonl.
+TTS_OUT ?= $(RUNS)/tts
+TTS_TRAIN ?= 2000
+TTS_CODEC_STEPS ?= 1000
+TTS_STEPS ?= 700
+TTS_MODEL ?= mini
+TTS_SAMPLER ?= --cfg 1 --temperature 0.7
+TTS_FIGURES ?= figures/tts
+TTS_DATA = --data $(TTS_OUT)/data
+TTS_CODEC = --codec $(TTS_OUT)/codec/codec.pt
+
+tts: setup setup-tts
+	@start=$$(date +%s); set -e; export OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}; \
+	test -f $(TTS_OUT)/data/data.npz || $(PY) speech.py data --out $(TTS_OUT)/data --train $(TTS_TRAIN); \
+	test -f $(TTS_OUT)/codec/codec.pt || $(PY) speech.py codec $(TTS_DATA) --out $(TTS_OUT)/codec --steps $(TTS_CODEC_STEPS); \
+	test -f $(TTS_OUT)/codes/meta.json || $(PY) speech.py encode $(TTS_CODEC) $(TTS_DATA) --out $(TTS_OUT)/codes; \
+	for h in mog tokens; do \
+	  $(PY) train.py --data $(TTS_OUT)/codes --model $(TTS_MODEL) --head $$h --out $(TTS_OUT)/$$h --steps $(TTS_STEPS) \
+	    --batch-size 32 --lr 1e-3 --warmup 100 --decay cosine --log-every 100 --ckpt-every 1000 --device cpu; done; \
+	rm -f $(TTS_OUT)/results.jsonl $(TTS_OUT)/bench_depth.jsonl; \
+	for m in real mel codec; do \
+	  $(PY) speech.py reference --mode $$m $(TTS_DATA) $(TTS_CODEC) --out $(TTS_OUT)/wav/$$m; \
+	  $(PY) speech.py score --wavs $(TTS_OUT)/wav/$$m $(TTS_DATA) --json-out $(TTS_OUT)/results.jsonl; done; \
+	for h in mog tokens; do for T in 4 8 16; do \
+	  $(PY) speech.py continue --ckpt $(TTS_OUT)/$$h/last.pt $(TTS_CODEC) $(TTS_DATA) --steps $$T $(TTS_SAMPLER) \
+	    --out $(TTS_OUT)/wav/$${h}_T$$T; \
+	  $(PY) speech.py score --wavs $(TTS_OUT)/wav/$${h}_T$$T $(TTS_DATA) --json-out $(TTS_OUT)/results.jsonl; done; done; \
+	$(PY) speech.py bench-depth --ckpt $(TTS_OUT)/mog/last.pt --json-out $(TTS_OUT)/bench_depth.jsonl; \
+	mkdir -p $(TTS_FIGURES); \
+	$(PY) speech.py figure --wavs $(TTS_OUT)/wav/real $(TTS_OUT)/wav/codec $(TTS_OUT)/wav/mog_T16 \
+	  $(TTS_OUT)/wav/tokens_T16 $(TTS_DATA) --out $(TTS_FIGURES)/spectrogram.png; \
+	for r in real mog_T16 tokens_T16; do for i in 000 001; do \
+	  cp $(TTS_OUT)/wav/$$r/$$i.wav $(TTS_FIGURES)/$${r}_$$i.wav; done; done; \
+	echo "tts finished in $$(( $$(date +%s) - start )) s: $(TTS_OUT)/results.jsonl, $(TTS_FIGURES)/"
 
 # The demo's tokenizer and ResGen runs, sized to finish inside 20 minutes on 2 CPU cores (RESULTS.md section 0.4;
 # override on the command line, e.g. make demo RESGEN_STEPS=3000)

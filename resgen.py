@@ -159,6 +159,8 @@ class ResGenConfig:
     dropout: float = 0.0         # dropout in attention and MLP (DiT uses none)
     label_dropout: float = 0.1   # p of replacing the label by the null class in training (CFG)
     schedule: str = "cosine"     # masking schedule γ for training (the sampler takes its own)
+    text_vocab: int = 0          # phoneme symbols of a text prefix (zero-shot TTS, PAPER.md §6); 0 = no text; 0 pads
+    text_length: int = 0         # P: prefix positions before the L code positions: never masked, never scored
 
     def __post_init__(self):
         if self.offset_rank == -1:  # full offsets while they are cheap; low rank for wide latents (imagenet256: c = 256)
@@ -178,6 +180,9 @@ class ResGenConfig:
                             f"got {self.head_layers}, {self.classification_weight}")
         if self.schedule not in SCHEDULES:
             raise UserError(f"unknown masking schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+        if self.text_vocab < 0 or self.text_length < 0 or (self.text_vocab > 0) != (self.text_length > 0):
+            raise UserError(f"ResGenConfig: text_vocab and text_length are both 0 (no text) or both positive, got "
+                            f"{self.text_vocab}, {self.text_length}")
 
 
 # Named sizes, like DiT's registry. xl is the DiT-XL block stack: 574M parameters at L = 64, D = 16
@@ -185,6 +190,7 @@ class ResGenConfig:
 SIZES = {
     "tiny":  dict(width=64, layers=2, heads=4),      # tests: seconds on a CPU
     "small": dict(width=192, layers=6, heads=3),     # Fashion-MNIST demo on a CPU (4M parameters)
+    "mini":  dict(width=128, layers=4, heads=4),     # make tts on one CPU thread (speech.py)
     "base":  dict(width=768, layers=12, heads=12),   # DiT-B
     "large": dict(width=1024, layers=24, heads=16),  # DiT-L
     "xl":    dict(width=1152, layers=24, heads=16),  # DiT-XL, the paper's 574M
@@ -655,6 +661,9 @@ class ResGen(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, config.length, C))
         self.null_class = config.num_classes
         self.class_embed = nn.Embedding(config.num_classes + 1, C)  # last row: the null class for CFG
+        if config.text_vocab:  # the phoneme prefix: P extra positions every code position attends to
+            self.text_embed = nn.Embedding(config.text_vocab, C)
+            self.text_pos = nn.Parameter(torch.zeros(1, config.text_length, C))
         self.blocks = nn.ModuleList([Block(C, config.heads, config.mlp_ratio, config.dropout)
                                      for _ in range(config.layers)])
         self.norm_out = nn.LayerNorm(C, elementwise_affine=False, eps=1e-6)
@@ -665,7 +674,8 @@ class ResGen(nn.Module):
     def initialize_weights(self):
         """DiT initialisation (dit_initialize); each head initialises its own projections (MoGHead.initialize,
         TokenHead.initialize)."""
-        dit_initialize(self, (self.count_embed.weight, self.class_embed.weight, self.pos_embed),
+        text = (self.text_embed.weight, self.text_pos) if self.config.text_vocab else ()
+        dit_initialize(self, (self.count_embed.weight, self.class_embed.weight, self.pos_embed, *text),
                        [block.ada[-1] for block in self.blocks] + [self.ada_out[-1]])
         self.head.initialize()
 
@@ -685,16 +695,21 @@ class ResGen(nn.Module):
         return self
 
     # ---- backbone --------------------------------------------------------------------------------------
-    def backbone(self, visible, num_masked, labels):
+    def backbone(self, visible, num_masked, labels, text=None):
         """Transformer from the visible tokens to the head's features (PAPER.md §4, §11).
 
         Input per position: Linear(c→C)(visible cumulative embedding) + embed(k_i) + position embedding.
         visible (B, L, c) float, num_masked (B, L) int64 (k_i), labels (B,) int64 -> (B, L, head features).
+        text (B, P) int64 (models with text_vocab): phoneme ids, prepended as P positions that are never masked;
+        they are cut off before the head, so they are never predicted nor scored.
         """
         x = self.code_in(visible) + self.count_embed(num_masked) + self.pos_embed  # (B, L, C)
+        if self.config.text_vocab:
+            x = torch.cat([self.text_embed(text) + self.text_pos, x], 1)  # (B, P + L, C)
         cond = self.class_embed(labels)  # (B, C)
         for block in self.blocks:
             x = block(x, cond)
+        x = x[:, x.shape[1] - visible.shape[1]:]  # the L code positions
         shift, scale = self.ada_out(cond).chunk(2, dim=-1)
         return self.head(modulate(self.norm_out(x), shift, scale))
 
@@ -703,13 +718,28 @@ class ResGen(nn.Module):
             return torch.full((batch,), self.null_class, dtype=torch.long, device=device)
         return labels.to(device=device, dtype=torch.long)
 
+    def _text(self, text, batch, device):
+        """text (B, P) ids in 0..text_vocab-1 (0 = padding), or None: all padding (no text). UserError otherwise."""
+        P, vocab = self.config.text_length, self.config.text_vocab
+        if not vocab:
+            if text is not None:
+                raise UserError("this model has no text input (ResGenConfig.text_vocab = 0) but text was given")
+            return None
+        if text is None:
+            return torch.zeros(batch, P, dtype=torch.long, device=device)
+        if text.shape != (batch, P) or (text.numel() and not 0 <= int(text.min()) <= int(text.max()) < vocab):
+            raise UserError(f"text must be ({batch}, {P}) ids in 0..{vocab - 1}, got {tuple(text.shape)}")
+        return text.to(device=device, dtype=torch.long)
+
     # ---- training --------------------------------------------------------------------------------------
-    def forward(self, codes, labels, mask=None, drop=None, count=None):
+    def forward(self, codes, labels, mask=None, drop=None, count=None, text=None):
         """Training loss (PAPER.md §3): mask a random suffix of depths per position (forward masking), predict
         the masked part. codes (B, L, D) int64, labels (B,) int64 or None; mask (B, L, D) bool to fix it;
         drop (B,) bool: which labels become the null class (default: random, p = label_dropout, in training).
         count: the loss is the sum over scored terms divided by count (default: their number in this batch);
         train.py passes its share of the global batch's count so that DDP and micro-batches average exactly.
+        text (B, P) int64: the phoneme prefix (models with text_vocab); a dropped label drops the text too, so CFG
+        guides on both.
         Returns (loss, stats): MoG NLL in nats per latent dimension, or token cross-entropy in nats per token;
         stats is a dict of detached scalar tensors."""
         B, L, D = codes.shape
@@ -720,10 +750,12 @@ class ResGen(nn.Module):
             # Classifier-free guidance needs p(x | null) from the same network: dropping labels at random
             # trains the unconditional model alongside the conditional one.
             drop = torch.rand(B, device=codes.device) < self.config.label_dropout
+        text = self._text(text, B, codes.device)
         if drop is not None:
             labels = labels.masked_fill(drop.to(labels.device), self.null_class)
+            text = None if text is None else text.masked_fill(drop.to(text.device).unsqueeze(-1), 0)
         visible, target = cumulative_embeddings(codes, mask, self.codebooks)
-        out = self.backbone(visible, mask.sum(-1), labels)
+        out = self.backbone(visible, mask.sum(-1), labels, text)
         loss, stats = self.head.loss(out, codes, mask, target, self.codebooks, count)
         stats["masked_frac"] = mask.float().mean().detach()
         return loss, stats
@@ -757,7 +789,7 @@ class ResGen(nn.Module):
     @torch.no_grad()
     def generate(self, labels, steps, cfg=1.0, cfg_schedule="constant", top_p=1.0, temperature=1.0,
                  choice_temperature=50.0, generator=None, schedule="cosine", batch_size=None, callback=None,
-                 prompt_codes=None, prompt_mask=None, emit="drawn", confidence="pi"):
+                 prompt_codes=None, prompt_mask=None, emit="drawn", confidence="pi", text=None):
         """Confidence-ordered sampler (PAPER.md §5, §12). T = `steps` forward passes whatever D is.
 
         labels: (B,) int64, or None for unconditional samples (then `batch_size` gives B).
@@ -774,6 +806,7 @@ class ResGen(nn.Module):
         prompt_codes (B, L, D) int, prompt_mask (B, L, D) bool (True = given, a prefix of depths at every
         position): prompted generation (inpainting, keeping coarse depths, continuation). Given tokens are
         returned unchanged; each row's reveal schedule covers only its tokens left, still in T passes.
+        text (B, P) int64: the phoneme prefix (models with text_vocab; the null-class rows get none).
         Returns codes (B, L, D) int64.
         """
         if steps != int(steps) or steps < 1:
@@ -793,6 +826,9 @@ class ResGen(nn.Module):
         N = L * D
         B, guided, labels = sampling_rows(labels, batch_size, cfg, self.null_class, device)  # labels (2B,) if guided
         codes, masked = self.prompt_state(prompt_codes, prompt_mask, B, device)  # masked: a suffix of depths
+        text = self._text(text, B, device)
+        if text is not None and guided:
+            text = torch.cat([text, torch.zeros_like(text)])
         # Each row's schedule over the tokens it has left, planned on the device: the step loop never syncs.
         masked_after = masking_plan(steps, masked.flatten(1).sum(-1), schedule)  # (B, T+1)
         slot = torch.arange(N, device=device).expand(B, N)
@@ -807,9 +843,9 @@ class ResGen(nn.Module):
             num_masked = masked.sum(-1)  # (B, L): k_i = D - p_i
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 if guided:
-                    out = self.backbone(visible.repeat(2, 1, 1), num_masked.repeat(2, 1), labels)
+                    out = self.backbone(visible.repeat(2, 1, 1), num_masked.repeat(2, 1), labels, text)
                 else:
-                    out = self.backbone(visible, num_masked, labels)
+                    out = self.backbone(visible, num_masked, labels, text)
             out = out.float()  # CFG, the head's projections, the Gaussian arithmetic and the quantizer run in fp32
             if guided:
                 w = cfg

@@ -2766,3 +2766,198 @@ def test_every_document_file_path_and_section_named_exists():
                 if doc in sections and number not in sections[doc]:
                     problems.append(f"{f}: cites {doc} §{number}, which has no such numbered section")
     assert not problems, "references a clone cannot follow:\n" + "\n".join(sorted(set(problems)))
+
+
+#################################################################################
+#              Zero-shot TTS in small: codec, text prefix, speech I/O           #
+#################################################################################
+
+import speech  # noqa: E402  (speech.py imports train, which the sections above exercise on their own)
+
+
+def speech_mels(n, seed=0):
+    """Log-mels of speech-like waveforms: gated harmonic tones with random pitch glides, the length of a window."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(speech.WINDOW) / speech.SR
+    f0 = 100 + 150 * torch.rand(n, 1, generator=g) + 40 * torch.sin(2 * math.pi * torch.rand(n, 1, generator=g) * t)
+    phase = 2 * math.pi * torch.cumsum(f0 / speech.SR, -1)
+    x = sum(torch.sin(k * phase) / k for k in range(1, 6)) * (torch.sin(2 * math.pi * 3 * t) > 0)
+    return speech.log_mel(0.2 * x)
+
+
+def test_speech_codec_rvq_invariants_on_speech_latents():
+    """The codec's RVQ on real encoder latents: codes (B, L, D) in range at 4 mel frames per code, each depth's code
+    the nearest to its residual, decode = decoder(Σ_j e(x_j; j)), and the full depth closer than depth 1."""
+    codec = speech.SpeechCodec(depth=4, codebook_size=16, dim=8, channels=32)
+    mel = speech_mels(3)
+    codec.train()
+    codec(mel)  # k-means initialisation of the codebooks on these latents
+    codec.eval()
+    with torch.no_grad():
+        z = codec.latent(mel)
+        codes = codec.encode(mel)
+        assert codes.shape == (3, speech.FRAMES, 4) and mel.shape[-1] == speech.FRAMES * speech.DOWN
+        assert int(codes.min()) >= 0 and int(codes.max()) < 16
+        r, cb = z, codec.rvq.codebooks
+        for j in range(4):
+            d = T.squared_distances(r, cb[j])
+            picked = d.gather(-1, codes[..., j:j + 1]).squeeze(-1)
+            assert torch.all(picked <= d.min(-1).values + 1e-5)
+            r = r - cb[j][codes[..., j]]
+        torch.testing.assert_close(codec.decode(codes), codec.decode_latent(cb[0][codes[..., 0]] + cb[1][codes[..., 1]]
+                                                                           + cb[2][codes[..., 2]] + cb[3][codes[..., 3]]))
+        first = (z - cb[0][codes[..., 0]]).norm(dim=-1).mean()
+        assert r.norm(dim=-1).mean() < first
+
+
+def text_model(head="mog", P=6, vocab=7, **kw):
+    return tiny_model(L=8, D=3, V=16, c=4, num_classes=1, head=head, text_vocab=vocab, text_length=P, **kw)
+
+
+@pytest.mark.parametrize("head", ["mog", "tokens"])
+def test_text_prefix_is_never_masked_nor_scored(head):
+    """The phoneme prefix adds P positions the code positions attend to; the head sees only the L code positions, so
+    the loss scores only masked code tokens; the text matters; a dropped label drops the text too."""
+    m = text_model(head)
+    with torch.no_grad():
+        m.text_embed.weight.normal_()
+        m.text_pos.normal_()
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 16, (4, 8, 3), generator=g)
+    text = torch.randint(1, 7, (4, 6), generator=g)
+    mask = resgen.sample_mask(4, 8, 3, generator=g)
+    visible, _ = resgen.cumulative_embeddings(codes, mask, m.codebooks)
+    out = m.backbone(visible, mask.sum(-1), torch.zeros(4, dtype=torch.long), text)
+    assert out.shape[:2] == (4, 8)  # L positions reach the head, none of the P text positions
+    keep, y0 = torch.zeros(4, dtype=torch.bool), torch.zeros(4, dtype=torch.long)
+    loss, _ = m(codes, y0, mask=mask, drop=keep, text=text)
+    manual, _ = m.head.loss(out, codes, mask, resgen.cumulative_embeddings(codes, mask, m.codebooks)[1], m.codebooks)
+    torch.testing.assert_close(loss, manual)
+    other, _ = m(codes, y0, mask=mask, drop=keep, text=text.flip(0))
+    assert not torch.allclose(loss, other)  # the text is read
+    dropped, _ = m(codes, y0, mask=mask, drop=~keep, text=text)
+    nothing, _ = m(codes, torch.full((4,), 1), mask=mask, drop=keep, text=torch.zeros_like(text))
+    torch.testing.assert_close(dropped, nothing)  # null class and no text: CFG's unconditional rows
+    loss.backward()
+    assert m.text_embed.weight.grad.abs().sum() > 0
+    for bad in (text[:, :5], text + 7):
+        with pytest.raises(UserError):
+            m(codes, None, mask=mask, text=bad)
+    with pytest.raises(UserError):
+        tiny_model(L=8, D=3, V=16, c=4, num_classes=1)(codes, None, mask=mask, text=text)
+    with pytest.raises(UserError):
+        resgen.make_config("tiny", length=8, depth=3, codebook_size=16, code_dim=4, num_classes=1, text_vocab=5)
+
+
+@pytest.mark.parametrize("head", ["mog", "tokens"])
+@pytest.mark.parametrize("cfg", [1.0, 2.5])
+def test_continuation_keeps_the_prompt_with_text(head, cfg):
+    """Continuation (the paper's zero-shot TTS task): the first p_b frames' codes, all depths, come back unchanged,
+    the rest is generated in range, and the text changes what is generated."""
+    m = text_model(head)
+    with torch.no_grad():
+        m.text_embed.weight.normal_(std=2.0)
+        for p in m.head.parameters() if head == "tokens" else ():  # its zero-initialised logits ignore the features
+            p.normal_(std=0.3)
+    g = torch.Generator().manual_seed(2)
+    codes = torch.randint(0, 16, (3, 8, 3), generator=g)
+    frames = torch.tensor([1, 4, 7])
+    pc, pm = speech.continuation_prompt(codes, frames, 8)
+    assert pm.sum().item() == 3 * int(frames.sum())
+    text = torch.randint(1, 7, (3, 6), generator=g)
+    out = m.generate(torch.zeros(3, dtype=torch.long), 4, cfg=cfg, prompt_codes=pc, prompt_mask=pm, text=text,
+                     generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out[pm], codes[pm]) and int(out.min()) >= 0 and int(out.max()) < 16
+    again = speech.continue_codes(m, codes, frames, text, 4, cfg=cfg, batch_size=3)
+    assert torch.equal(again[pm], codes[pm])
+    other = speech.continue_codes(m, codes, frames, torch.randint(1, 7, (3, 6), generator=g), 4, cfg=cfg, batch_size=3)
+    assert not torch.equal(again, other)
+    for bad in ([0, 1, 1], [8, 2, 2]):  # nothing given, or nothing left to generate
+        with pytest.raises(UserError, match="prompt"):
+            speech.continuation_prompt(codes, torch.tensor(bad), 8)
+
+
+def test_wav_round_trip_resampling_and_griffin_lim(tmp_path):
+    """write_wav/read_wav keep the rate and the samples to 16-bit precision; FFT resampling keeps a tone's pitch;
+    Griffin-Lim from a log-mel gives a waveform whose log-mel is close to it."""
+    x = torch.rand(1234, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    speech.write_wav(str(tmp_path / "a.wav"), x.numpy(), 22050)
+    y, sr = speech.read_wav(str(tmp_path / "a.wav"))
+    assert sr == 22050 and y.shape == x.shape and float((y - x).abs().max()) <= 1 / 32767 + 1e-6
+    tone = torch.sin(2 * math.pi * 1000 * torch.arange(22050) / 22050)
+    z = speech.resample(tone, 22050, 16000)
+    assert len(z) == 16000 and abs(int(torch.fft.rfft(z).abs().argmax()) - 1000) <= 1
+    mel = speech.log_mel(0.3 * z[:speech.WINDOW // 4 * 4][: 64 * speech.HOP])
+    back = speech.log_mel(speech.griffin_lim(mel[None], iters=32))[0]
+    loud = mel > mel.max() - 4
+    assert (back - mel)[loud].abs().mean() < 0.5
+    (tmp_path / "b.wav").write_bytes(b"not a wav file")
+    with pytest.raises(UserError):
+        speech.read_wav(str(tmp_path / "b.wav"))
+
+
+def test_espeak_utterance_and_phonemes():
+    """espeak-ng speaks both halves at 16 kHz inside one window, the prompt ends inside the pause between them, and
+    its phonemes map to ids (installed by make test's setup-test, as the Fashion-MNIST package is)."""
+    spk = speech.speakers()
+    assert {s[3] for s in spk} == {"train", "test"} and len({s[0] for s in spk}) == len(spk)
+    with __import__("tempfile").TemporaryDirectory() as tmp:
+        x, p = speech.utterance("put the red box", "on the table now", spk[0], tmp)
+    assert x.shape == (speech.WINDOW,) and 1 < p < speech.FRAMES
+    cut = p * speech.DOWN * speech.HOP
+    assert float(x[cut - 400:cut + 400].abs().max()) == 0.0  # the prompt boundary falls in the pause
+    assert float(x[:cut].abs().max()) > 0.05 and float(x[cut:].abs().max()) > 0.05
+    phones = speech.phonemes("put the red box")
+    vocab = sorted(set(phones))
+    ids = speech.text_ids(phones, vocab, 40)
+    assert ids.shape == (40,) and (ids[:len(phones)] > 0).all() and (ids[len(phones):] == 0).all()
+    train_sents, test_sents = speech.sentences(200, 16)
+    assert not {b for _, b in train_sents} & {b for _, b in test_sents}
+
+
+def test_speech_text_cache_trains_with_train_py(tmp_path):
+    """A code cache with text.npy (speech.py encode's layout) trains through train.py: the checkpoint's config has the
+    prefix, and a bad text.npy is one clear error."""
+    g = np.random.default_rng(0)
+    cache = tmp_path / "codes"
+    meta = T.save_code_cache(str(cache), g.integers(0, 16, (40, 8, 3)), None, g.standard_normal((3, 16, 4)))
+    np.save(cache / "text.npy", g.integers(0, 9, (40, 6)))
+    meta.update(text_vocab=9, text_length=6)
+    T.write_code_cache(str(cache), np.zeros(40, np.int64), meta)
+    import train
+    train.main(["--data", str(cache), "--model", "tiny", "--out", str(tmp_path / "run"), "--steps", "2",
+                "--batch-size", "4", "--warmup", "1", "--log-every", "1", "--device", "cpu"])
+    model = resgen.load_resgen(str(tmp_path / "run" / "last.pt"))
+    assert (model.config.text_vocab, model.config.text_length) == (9, 6)
+    np.save(cache / "text.npy", g.integers(0, 9, (40, 5)))
+    with pytest.raises(UserError, match="text.npy"):
+        train.main(["--data", str(cache), "--model", "tiny", "--out", str(tmp_path / "run2"), "--steps", "1",
+                    "--device", "cpu"])
+
+
+def test_speech_bad_input_is_one_clear_line(tmp_path):
+    """Missing espeak-ng, empty text, and a prompt longer than the window: one 'error:' line, non-zero exit (the
+    command line once; the rest in-process, as UserError, which run_cli prints as that line)."""
+    p = run_cmd("speech.py", "data", "--out", str(tmp_path / "d"), env={"ESPEAK_NG": str(tmp_path / "no-espeak")},
+                check=False)
+    assert_clean_error(p)
+    assert "espeak-ng" in p.stderr
+    codec = speech.SpeechCodec(depth=3, codebook_size=16, dim=4, channels=16)
+    torch.save({"kind": "speech_codec", "cfg": codec.cfg, "state": codec.state_dict(),
+                "data_meta": {"vocab": sorted(set(speech.phonemes("put the red box on the table now"))),
+                              "text_length": 60}}, tmp_path / "codec.pt")
+    m = tiny_model(L=speech.FRAMES, D=3, V=16, c=4, num_classes=1, text_vocab=40, text_length=60)
+    torch.save({"kind": "resgen", "arch": "resgen", "config": asdict(m.config), "model": m.state_dict(),
+                "meta": {}, "step": 0}, tmp_path / "m.pt")
+    speech.write_wav(str(tmp_path / "long.wav"), np.zeros(speech.WINDOW + 100))
+    args = ["say", "--ckpt", str(tmp_path / "m.pt"), "--codec", str(tmp_path / "codec.pt"),
+            "--prompt-wav", str(tmp_path / "long.wav"), "--prompt-text", "put the red box", "--out",
+            str(tmp_path / "o.wav"), "--steps", "2"]
+    for text, says in (("", "empty text"), ("on the table now", "shorter prompt")):
+        with pytest.raises(UserError, match=says):
+            speech.main(args + ["--text", text])
+    speech.write_wav(str(tmp_path / "short.wav"), 0.1 * np.sin(np.arange(speech.SR) / 5.0))
+    args[args.index(str(tmp_path / "long.wav"))] = str(tmp_path / "short.wav")
+    speech.main(args + ["--text", "on the table now"])  # a prompt that fits: a WAV of the window's length
+    y, sr = speech.read_wav(str(tmp_path / "o.wav"))
+    assert sr == speech.SR and y.shape == (speech.WINDOW,)

@@ -77,14 +77,33 @@ def batch_indices(step, n, global_batch, seed):
     return idx.numpy()
 
 
-def load_batch(codes, labels, idx, device):
-    """Rows `idx` of the cache, in the order of idx (each row keeps the mask and label drop drawn for its slot)."""
+def load_batch(codes, labels, idx, device, text=None):
+    """Rows `idx` of the cache, in the order of idx (each row keeps the mask and label drop drawn for its slot);
+    with text (a cache's text.npy, (N, P)), its rows too, else None."""
     order = np.argsort(idx)  # read in sorted order, which is kinder to a memory-mapped file ...
     back = np.argsort(order)  # ... then put the rows back in the order asked for
     x = torch.from_numpy(np.asarray(codes[idx[order]])[back].astype(np.int64))
     y = torch.from_numpy(np.asarray(labels[idx[order]])[back].astype(np.int64))
     x = x.reshape(len(idx), -1, x.shape[-1])  # (B, L, D) from (B, L, D) or (B, h, w, D)
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    t = None if text is None else torch.from_numpy(np.asarray(text[idx[order]])[back].astype(np.int64)).to(device)
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True), t
+
+
+TEXT_FILE = "text.npy"  # a speech cache's phoneme ids (N, P), 0 = padding; meta.json: text_vocab, text_length
+
+
+def load_cache_text(data, meta, n):
+    """A code cache's text prefix, memory-mapped int (N, P), or None when meta.json names no text_vocab."""
+    if not meta.get("text_vocab"):
+        return None
+    try:
+        text = np.load(os.path.join(data, TEXT_FILE), mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{data}: meta.json names text_vocab but {TEXT_FILE} cannot be read: {e}")
+    if text.shape != (n, meta.get("text_length")) or not np.issubdtype(text.dtype, np.integer):
+        raise UserError(f"{data}/{TEXT_FILE} holds {text.dtype} {text.shape}; meta.json wants ints "
+                        f"({n}, {meta.get('text_length')})")
+    return text
 
 
 def codebooks_for(data, meta, tokenizer_path=None):
@@ -342,9 +361,12 @@ def build_config(args, meta):
     data = dict(length=int(np.prod(meta["grid"])), depth=meta["depth"], codebook_size=meta["codebook_size"],
                 code_dim=meta["code_dim"], num_classes=meta["num_classes"], label_dropout=args.label_dropout)
     if args.arch == rqtransformer.ARCH:
+        if meta.get("text_vocab"):
+            raise UserError("this code cache has a text prefix (text.npy): --arch rqtransformer takes no text")
         return rqtransformer.make_config(args.model, **data)
     head = {k: getattr(args, k) for k in HEAD_FLAGS if getattr(args, k) is not None}
-    return resgen.make_config(args.model, head=args.head, **data, **head)
+    text = {k: meta[k] for k in ("text_vocab", "text_length") if meta.get("text_vocab")}
+    return resgen.make_config(args.model, head=args.head, **data, **head, **text)
 
 
 def build_model(config, codebooks):
@@ -413,6 +435,7 @@ class Run:
     meta: dict                   # the code cache's meta.json
     codes: np.ndarray            # (N, L, D) or (N, h, w, D), memory-mapped
     labels: np.ndarray           # (N,)
+    text: object                 # (N, P) phoneme ids (a speech cache's text.npy), or None
     model: nn.Module
     ema: nn.Module
     opt: torch.optim.Optimizer
@@ -471,11 +494,12 @@ def train_step(run, train_model, autocast, step):
     loss_sum = torch.zeros((), device=device)
     for m in range(args.grad_accum):
         part = slice(m * micro, (m + 1) * micro)
-        x, y = load_batch(run.codes, run.labels, idx[part], device)
+        x, y, t = load_batch(run.codes, run.labels, idx[part], device, run.text)
         sync = m == args.grad_accum - 1 or world == 1
         ctx = train_model.no_sync() if not sync and hasattr(train_model, "no_sync") else torch.enable_grad()
         with ctx, autocast:
-            loss, stats = train_model(x, y, mask=mask[part], drop=drop[part], count=count)
+            loss, stats = train_model(x, y, mask=mask[part], drop=drop[part], count=count,
+                                      **({} if t is None else {"text": t}))
             loss.backward()
         loss_sum += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.clip)
@@ -592,6 +616,7 @@ def main(argv=None):
     rank, world, device = setup(args)
     codes, labels, meta = load_code_cache(args.data)
     check_codes_in_range(codes, meta["codebook_size"])
+    text = load_cache_text(args.data, meta, len(codes))
     config = build_config(args, meta)
     ckpt_path = os.path.join(args.out, "last.pt")
     ckpt = checkpoint_to_resume(ckpt_path, args, config, meta)
@@ -603,7 +628,7 @@ def main(argv=None):
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = build_optimizer(model, args, device)
     step = 0 if ckpt is None else restore(ckpt, model, ema, opt, rank, device)
-    run = Run(args, rank, world, device, config, meta, codes, labels, model, ema, opt, ckpt_path,
+    run = Run(args, rank, world, device, config, meta, codes, labels, text, model, ema, opt, ckpt_path,
               os.path.join(args.out, "log.jsonl"))
     if rank == 0:
         start_log(run, step)
