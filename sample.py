@@ -29,9 +29,10 @@ import time
 import numpy as np
 import torch
 
+from checkpoints import DEVICE_HELP, UserError, check_writable_dir, default_device, file_hash, parse_device, run_cli
 from rqtransformer import ARCH, arch_of, load_model
-from tokenizer import (DEVICE_HELP, UserError, check_writable_dir, default_device, file_hash, load_code_cache, load_tokenizer,
-                       parse_device, real_images, run_cli, save_grid, save_npy, spread_indices, to_float, to_uint8)
+from tokenizer import (load_code_cache, load_tokenizer, real_images, save_grid, save_npy, spread_indices, to_float,
+                       to_uint8)
 
 # Sampler defaults, shared by sample.py and eval_fid.py (the paper's Fig. 3 knobs).
 SAMPLER_DEFAULTS = dict(steps=16, cfg=1.0, cfg_schedule="constant", top_p=1.0, temperature=1.0, choice_temperature=1.0,

@@ -22,11 +22,12 @@ import pytest
 import torch
 from hypothesis import example, given, settings, strategies as st
 
+import checkpoints
 import eval_fid
 import resgen
 import tokenizer
 import tokenizer as T
-from tokenizer import UserError
+from checkpoints import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FMNIST = os.path.isfile(os.path.join(T.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz"))
@@ -223,7 +224,7 @@ def test_image_folder_dataset(tmp_path):
     assert images.shape == (4, 16, 16, 3) and images.dtype == np.uint8 and nc == 2
     assert labels.tolist() == [0, 0, 1, 1]  # sorted class names: a_dog = 0
     os.makedirs(tmp_path / "empty" / "cls")
-    with pytest.raises(T.UserError):
+    with pytest.raises(checkpoints.UserError):
         T.load_images(str(tmp_path / "empty"))
 
 
@@ -255,7 +256,7 @@ def test_code_cache_round_trip(tiny_tokenizer, tmp_path):
     codes, labels, meta = T.load_code_cache(str(out))
     assert codes.dtype == np.uint16 and codes.shape == (40, 8, 8, 3)
     assert meta["depth"] == 3 and meta["codebook_size"] == 32 and meta["grid"] == [8, 8]
-    assert meta["tokenizer_hash"] == T.file_hash(str(tiny_tokenizer)) and meta["latent_scale"] > 0
+    assert meta["tokenizer_hash"] == checkpoints.file_hash(str(tiny_tokenizer)) and meta["latent_scale"] > 0
     tok = T.load_tokenizer(str(tiny_tokenizer))
     images, ref_labels, _ = T.load_images("fashion_mnist", "test", limit=40)
     assert np.array_equal(labels, ref_labels)
@@ -272,7 +273,7 @@ def test_tokenizer_resume_continues(tiny_tokenizer, tmp_path):
     p = run_cmd("tokenizer.py", "train", "--data", "fashion_mnist", "--out", str(out), "--steps", "8", "--limit", "256",
                 "--batch-size", "32", "--depth", "3", "--codebook-size", "32", "--log-every", "1", "--device", "cpu")
     assert "resuming" in p.stdout and "step      7" in p.stdout and "step      6 " not in p.stdout
-    assert T.load_checkpoint(str(out / "last.pt"), "tokenizer")["step"] == 8
+    assert checkpoints.load_checkpoint(str(out / "last.pt"), "tokenizer")["step"] == 8
 
 
 @needs_fmnist
@@ -991,11 +992,11 @@ def test_sampler_rejects_bad_arguments():
     labels = torch.tensor([0])
     for kw in (dict(steps=0), dict(top_p=0.0), dict(cfg_schedule="cubic"), dict(temperature=-1.0)):
         args = dict(steps=2) | kw
-        with pytest.raises(tokenizer.UserError):
+        with pytest.raises(checkpoints.UserError):
             m.generate(labels, **args)
-    with pytest.raises(tokenizer.UserError):
+    with pytest.raises(checkpoints.UserError):
         m.generate(torch.tensor([6]), 2)  # 0..5 allowed (5 = null)
-    with pytest.raises(tokenizer.UserError):
+    with pytest.raises(checkpoints.UserError):
         m.generate(None, 2)
 
 
@@ -1089,7 +1090,7 @@ def test_prompted_sampler_rejects_bad_prompts():
              (dict(prompt_codes=codes.float(), prompt_mask=given), "integer"),
              (dict(prompt_codes=codes), "both"), (dict(prompt_mask=given), "both")]
     for kw, match in cases:
-        with pytest.raises(tokenizer.UserError, match=match):
+        with pytest.raises(checkpoints.UserError, match=match):
             m.generate(labels, 2, **kw)
     handle.remove()
     assert seen == []
@@ -1137,12 +1138,12 @@ def test_load_resgen_roundtrip_and_mismatch(tmp_path):
     ckpt = {"kind": "resgen", "config": asdict(m.config), "model": m.state_dict(), "ema": ema,
             "step": 12, "meta": {"depth": 2}}
     path = tmp_path / "last.pt"
-    tokenizer.save_checkpoint(ckpt, path)
+    checkpoints.save_checkpoint(ckpt, path)
     m2 = resgen.load_resgen(str(path))
     assert m2.step == 12 and m2.meta == {"depth": 2} and not m2.training
     # ema=True reads the EMA weights (which may omit the frozen codebooks), ema=False the raw ones
     ema_only = {"_orig_mod." + k: v + 1 for k, v in ema.items() if k != "codebooks"}
-    tokenizer.save_checkpoint(dict(ckpt, ema=ema_only), path)
+    checkpoints.save_checkpoint(dict(ckpt, ema=ema_only), path)
     w = m.code_in.weight
     torch.testing.assert_close(resgen.load_resgen(str(path)).code_in.weight, w + 1)
     torch.testing.assert_close(resgen.load_resgen(str(path), ema=False).code_in.weight, w)
@@ -1151,8 +1152,8 @@ def test_load_resgen_roundtrip_and_mismatch(tmp_path):
     assert torch.equal(m.generate(labels, 3, generator=torch.Generator().manual_seed(0)),
                        m2.generate(labels, 3, generator=torch.Generator().manual_seed(0)))
     bad = dict(ckpt, config=dict(ckpt["config"], depth=3))
-    tokenizer.save_checkpoint(bad, path)
-    with pytest.raises(tokenizer.UserError, match="checkpoint .* vs model"):
+    checkpoints.save_checkpoint(bad, path)
+    with pytest.raises(checkpoints.UserError, match="checkpoint .* vs model"):
         resgen.load_resgen(str(path))
 
 
@@ -1164,10 +1165,10 @@ def test_checkpoint_with_unknown_config_fields_is_refused(tmp_path, head):
     m = tiny_model(L=4, D=2, head=head)
     path = tmp_path / "last.pt"
     for old in (dict(scales="isotropic", log_scale_max=2.0), dict(mixtures=256, mean_rank=0)):
-        tokenizer.save_checkpoint({"kind": "resgen", "config": dict(asdict(m.config), **old),
+        checkpoints.save_checkpoint({"kind": "resgen", "config": dict(asdict(m.config), **old),
                                    "model": m.state_dict(), "ema": None}, path)
         lacks = f"config fields {', '.join(sorted(old))} that this resgen.py's ResGenConfig lacks"
-        with pytest.raises(tokenizer.UserError, match=lacks):
+        with pytest.raises(checkpoints.UserError, match=lacks):
             resgen.load_resgen(str(path))
     p = run_cmd("sample.py", "--ckpt", str(path), "--n", "2", "--out", str(tmp_path / "s.png"), check=False)
     assert_clean_error(p)
@@ -1188,7 +1189,7 @@ def test_sizes():
     wide = dict(length=1, depth=1, code_dim=256, num_classes=1)
     assert resgen.make_config("tiny", codebook_size=256, **wide).offset_rank == resgen.LOW_RANK
     assert resgen.make_config("tiny", length=1, depth=1, codebook_size=2, code_dim=16, num_classes=1).offset_rank == 0
-    with pytest.raises(tokenizer.UserError):
+    with pytest.raises(checkpoints.UserError):
         resgen.make_config("huge", length=1, depth=1, codebook_size=1, code_dim=1, num_classes=1)
 
 
@@ -1240,7 +1241,7 @@ def test_end_to_end_train_and_sample(code_cache, tiny_classifier, tmp_path, head
 
 
 def _params(path, key):
-    return T.load_checkpoint(str(path), "resgen")[key]
+    return checkpoints.load_checkpoint(str(path), "resgen")[key]
 
 
 def _logged_step(out):
@@ -1272,10 +1273,10 @@ def test_resume_after_sigkill_matches_uninterrupted_run(code_cache, tmp_path):
             _time.sleep(0.005)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        killed_at.append(T.load_checkpoint(str(out / "last.pt"), "resgen")["step"])
+        killed_at.append(checkpoints.load_checkpoint(str(out / "last.pt"), "resgen")["step"])
     assert all(0 < k < steps for k in killed_at) and killed_at == sorted(killed_at), killed_at
     run_cmd(*cmd[1:])
-    assert T.load_checkpoint(str(out / "last.pt"), "resgen")["step"] == steps
+    assert checkpoints.load_checkpoint(str(out / "last.pt"), "resgen")["step"] == steps
     for key in ("model", "ema"):
         a, b = _params(ref / "last.pt", key), _params(out / "last.pt", key)
         for k in a:
@@ -1290,11 +1291,11 @@ def test_time_limit_stops_with_a_checkpoint_and_resumes(code_cache, tmp_path):
     command without the limit then resumes from that step and finishes."""
     out = tmp_path / "rg"
     p = run_cmd(*train_args(code_cache, out, 100_000, "--ckpt-every", "100000", "--time-limit", "1"))
-    stopped = T.load_checkpoint(str(out / "last.pt"), "resgen")["step"]
+    stopped = checkpoints.load_checkpoint(str(out / "last.pt"), "resgen")["step"]
     assert 0 < stopped < 100_000 and stopped % 10 == 0
     assert f"reached at step {stopped}" in p.stdout and read_log(out)[-1]["step"] == stopped
     run_cmd(*train_args(code_cache, out, stopped + 3))
-    assert T.load_checkpoint(str(out / "last.pt"), "resgen")["step"] == stopped + 3
+    assert checkpoints.load_checkpoint(str(out / "last.pt"), "resgen")["step"] == stopped + 3
     assert [r["step"] for r in read_log(out)][-4:] == [stopped, stopped + 1, stopped + 2, stopped + 3]
 
 
@@ -1307,8 +1308,8 @@ def test_keep_steps_keeps_those_checkpoints_across_a_resume(code_cache, tmp_path
     run_cmd(*train_args(code_cache, out, 6, "--ckpt-every", "100", "--keep-steps", "5,2"))
     assert sorted(f for f in os.listdir(out) if f.endswith(".pt")) == ["last.pt", "step_0000002.pt", "step_0000005.pt"]
     for k in (2, 5):
-        assert T.load_checkpoint(str(out / f"step_{k:07d}.pt"), "resgen")["step"] == k
-    assert T.load_checkpoint(str(out / "last.pt"), "resgen")["step"] == 6
+        assert checkpoints.load_checkpoint(str(out / f"step_{k:07d}.pt"), "resgen")["step"] == k
+    assert checkpoints.load_checkpoint(str(out / "last.pt"), "resgen")["step"] == 6
     p = run_cmd(*train_args(code_cache, tmp_path / "bad", 3, "--keep-steps", "2,x"), check=False)
     assert p.returncode != 0 and "--keep-steps" in p.stderr and "Traceback" not in p.stderr
 
@@ -1323,7 +1324,7 @@ def test_resume_fills_config_fields_added_since_the_checkpoint(code_cache, tmp_p
     del ckpt["config"]["schedule"]
     torch.save(ckpt, out / "last.pt")
     run_cmd(*train_args(code_cache, out, 4))
-    assert T.load_checkpoint(str(out / "last.pt"), "resgen")["step"] == 4
+    assert checkpoints.load_checkpoint(str(out / "last.pt"), "resgen")["step"] == 4
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     ckpt["config"]["from_the_future"] = 1
     torch.save(ckpt, out / "last.pt")
@@ -1341,11 +1342,11 @@ def test_failed_checkpoint_write_keeps_previous(code_cache, tmp_path, monkeypatc
     def broken_save(obj, f, *a, **k):
         f.write(b"partial bytes")
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(T.torch, "save", broken_save)
+    monkeypatch.setattr(checkpoints.torch, "save", broken_save)
     with pytest.raises(OSError):
         train.main(list(train_args(code_cache, out, 6, "--ckpt-every", "3"))[1:])
     monkeypatch.undo()
-    ckpt = T.load_checkpoint(str(out / "last.pt"), "resgen")
+    ckpt = checkpoints.load_checkpoint(str(out / "last.pt"), "resgen")
     assert ckpt["step"] == 3 and all(torch.equal(before[k], ckpt["model"][k]) for k in before)
     assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
 
@@ -1455,7 +1456,7 @@ def assert_same_tree(a, b, where="checkpoint"):
 def assert_same_end(ref, out):
     """The runs in `ref` and `out` ended in the same state: last.pt (model, EMA, optimiser, step, data position,
     RNG states of every rank, config, meta) and log.jsonl bit for bit, timings aside."""
-    a, b = (T.load_checkpoint(str(d / "last.pt"), "resgen") for d in (ref, out))
+    a, b = (checkpoints.load_checkpoint(str(d / "last.pt"), "resgen") for d in (ref, out))
     assert a.pop("args")["out"] != b.pop("args")["out"]  # the only difference between the two commands
     assert_same_tree(a, b)
     timing = ("steps_per_s", "tokens_per_s")
@@ -1494,7 +1495,7 @@ def test_sigterm_stops_at_a_step_with_a_checkpoint_and_resumes_exactly(synthetic
     ref, out = tmp_path / "ref", tmp_path / "stopped"
     run_main(*cmd_args(ref))
     rc, text = signal_after_step([sys.executable, *cmd_args(out)], 5, lambda p: p.send_signal(signal.SIGTERM))
-    stopped = T.load_checkpoint(str(out / "last.pt"), "resgen")["step"]
+    stopped = checkpoints.load_checkpoint(str(out / "last.pt"), "resgen")["step"]
     assert rc == 128 + signal.SIGTERM and 5 <= stopped < steps, (rc, stopped, text[-2000:])
     assert f"SIGTERM received: stopped at step {stopped} with a checkpoint in {out / 'last.pt'}" in text
     assert read_log(out)[-1]["step"] == stopped
@@ -1524,7 +1525,7 @@ def test_sigterm_to_one_torchrun_rank_stops_every_rank_at_one_step(synthetic_cac
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rc, text = signal_after_step(torchrun(out), 3, lambda p: os.kill(torchrun_worker(p.pid, 1), signal.SIGTERM))
     assert reference.wait(timeout=300) == 0
-    stopped = T.load_checkpoint(str(out / "last.pt"), "resgen")["step"]
+    stopped = checkpoints.load_checkpoint(str(out / "last.pt"), "resgen")["step"]
     assert rc != 0 and 0 < stopped < steps and stopped % train.STOP_EVERY == 0, (rc, stopped, text[-3000:])
     assert f"SIGTERM received: stopped at step {stopped}" in text and read_log(out)[-1]["step"] == stopped
     run_cmd(*torchrun(out)[1:])
@@ -1541,7 +1542,7 @@ def test_sigterm_then_sigint_during_the_checkpoint_write_keeps_last_pt_whole(syn
     cmd_args = lambda out: train_args(synthetic_cache, out, 12, "--ckpt-every", "1000")[1:]
     ref, out = tmp_path / "ref", tmp_path / "stopped"
     run_main("train.py", *cmd_args(ref))
-    real_lr_at, real_save = train.lr_at, T.torch.save
+    real_lr_at, real_save = train.lr_at, checkpoints.torch.save
 
     def lr_at(step, args):  # called at the start of each step's work
         if step == 4:
@@ -1556,7 +1557,7 @@ def test_sigterm_then_sigint_during_the_checkpoint_write_keeps_last_pt_whole(syn
     def unhandled(signum, frame):  # in place of KeyboardInterrupt and death, which would end pytest itself
         raise RuntimeError(f"signal {signum} reached the handler that train.main should have replaced")
     monkeypatch.setattr(train, "lr_at", lr_at)
-    monkeypatch.setattr(T.torch, "save", save)
+    monkeypatch.setattr(checkpoints.torch, "save", save)
     previous = [signal.signal(s, unhandled) for s in STOP_SIGNALS]
     try:
         with pytest.raises(SystemExit) as stop:
@@ -1567,7 +1568,7 @@ def test_sigterm_then_sigint_during_the_checkpoint_write_keeps_last_pt_whole(syn
             signal.signal(s, h)
     monkeypatch.undo()
     assert stop.value.code == 128 + signal.SIGTERM
-    assert T.load_checkpoint(str(out / "last.pt"), "resgen")["step"] == 5 and read_log(out)[-1]["step"] == 5
+    assert checkpoints.load_checkpoint(str(out / "last.pt"), "resgen")["step"] == 5 and read_log(out)[-1]["step"] == 5
     assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
     run_main("train.py", *cmd_args(out))
     assert_same_end(ref, out)
@@ -2462,7 +2463,7 @@ def test_rq_train_resume_sample_and_continue(tmp_path):
     run_main(*train_args(cache, whole, 4, "--arch", "rqtransformer"))
     run_main(*train_args(cache, cut, 2, "--arch", "rqtransformer"))
     run_main(*train_args(cache, cut, 4, "--arch", "rqtransformer"))
-    a, b = (T.load_checkpoint(str(p / "last.pt"), "resgen") for p in (whole, cut))
+    a, b = (checkpoints.load_checkpoint(str(p / "last.pt"), "resgen") for p in (whole, cut))
     assert a["arch"] == "rqtransformer" and a["step"] == b["step"] == 4
     for key in ("model", "ema"):
         for k, v in a[key].items():
@@ -2497,7 +2498,7 @@ def test_rq_train_resume_sample_and_continue(tmp_path):
                 str(tmp_path / "k.npy"), "--device", "cpu", check=False)
     assert_clean_error(p)
     assert "continues a prefix" in p.stderr
-    assert not (tmp_path / "k.npy").exists() and T.load_checkpoint(ckpt, "resgen")["step"] == 4
+    assert not (tmp_path / "k.npy").exists() and checkpoints.load_checkpoint(ckpt, "resgen")["step"] == 4
 
 
 @needs_fmnist
