@@ -29,7 +29,8 @@ import time
 import numpy as np
 import torch
 
-from checkpoints import DEVICE_HELP, UserError, check_writable_dir, default_device, file_hash, parse_device, run_cli
+from checkpoints import (DEVICE_HELP, UserError, beside, check_writable_dir, default_device, file_hash, parse_device,
+                         run_cli)
 from rqtransformer import ARCH, arch_of, load_model
 from tokenizer import (load_code_cache, load_tokenizer, real_images, save_grid, save_npy, spread_indices, to_float,
                        to_uint8)
@@ -122,13 +123,14 @@ def passes_text(passes):
 
 def load_for_sampling(ckpt, tokenizer=None, device="cpu", decoder=True, compile=False):
     """(model with EMA weights, Tokenizer) on `device`: a ResGen or an RQ-Transformer, whichever the checkpoint
-    holds (rqtransformer.load_model); the tokenizer must be the one that made the codes.
+    holds (rqtransformer.load_model); the tokenizer must be the one that made the codes. The one the checkpoint
+    names is looked up in the checkpoint's folder too (checkpoints.beside: shipped weights name it that way).
     decoder=False: the tokenizer is optional (None when neither given nor named by the checkpoint): codes only.
     compile: ResGen.compile_sampler (the first batch then takes the compile time)."""
     model = load_model(ckpt, ema=True, device=device)
     if compile:
         model.compile_sampler()
-    path = tokenizer or model.meta.get("tokenizer")
+    path = tokenizer or (model.meta.get("tokenizer") and beside(model.meta["tokenizer"], ckpt))
     if not path and not decoder:
         return model, None
     if not path:

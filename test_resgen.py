@@ -35,9 +35,10 @@ needs_fmnist = pytest.mark.skipif(not FMNIST, reason="Fashion-MNIST not installe
 PROPS = settings(max_examples=25, deadline=None)
 
 
-def run_cmd(*args, check=True, timeout=600, env=None):
-    """Run one of the project's scripts as a user would; returns the CompletedProcess."""
-    p = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=timeout,
+def run_cmd(*args, check=True, timeout=600, env=None, cwd=HERE):
+    """Run one of the project's scripts as a user would (from the repository, or from `cwd` with the script's full
+    path); returns the CompletedProcess."""
+    p = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     if check and p.returncode != 0:
         raise AssertionError(f"{args} failed with {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
@@ -2695,6 +2696,164 @@ def test_bench_quick_runs_every_row(tmp_path):
     assert all(r["growth"] > 0 for r in versus.values())
     if not torch.cuda.is_available():
         assert "not measured (no CUDA)" in p.stdout
+
+
+#################################################################################
+#             Shipped weights: checkpoints.py export and weights/               #
+#################################################################################
+
+WEIGHTS = os.path.join(HERE, "weights")            # the shipped weights files, when the repository holds them
+TRAINING_STATE = ("ema", "optimizer", "rng", "data_position", "args")  # what a shipped file leaves out
+
+
+def check_shipped(path, n=4):
+    """A shipped file loads through the loaders every command uses and generates: a model n codes at T = 4 (and,
+    when it names a tokenizer, their pictures through it), a tokenizer the pictures of n random code grids and their
+    codes again, each with the shapes and the value ranges its config gives. Seconds on a CPU."""
+    import sample
+    raw = checkpoints.load_checkpoint(path, ("resgen", "tokenizer"))
+    assert not set(TRAINING_STATE) & set(raw), f"{path} holds training state {set(TRAINING_STATE) & set(raw)}"
+    assert any(v.dtype == torch.float16 for v in raw["model"].values()), f"{path}: no float16 weights, not an export"
+    if raw["kind"] == "tokenizer":
+        tok = T.load_tokenizer(path)
+        cfg = tok.cfg
+        g = torch.Generator().manual_seed(0)
+        codes = torch.randint(0, cfg.codebook_size, (n, cfg.grid, cfg.grid, cfg.depth), generator=g)
+        images = tok.decode(codes)
+        assert images.shape == (n, cfg.channels, cfg.image_size, cfg.image_size) and images.dtype == torch.float32
+        assert bool(torch.isfinite(images).all()) and float(images.abs().max()) <= 1
+        again = tok.encode(images)
+        assert again.shape == codes.shape and 0 <= int(again.min()) and int(again.max()) < cfg.codebook_size
+        return
+    model, tok = sample.load_for_sampling(path, decoder=False)
+    c = model.config
+    codes = sample.generate_codes(model, torch.arange(n) % max(1, c.num_classes), batch_size=n, steps=4)
+    assert codes.shape == (n, c.length, c.depth) and codes.dtype == torch.int64
+    assert 0 <= int(codes.min()) and int(codes.max()) < c.codebook_size
+    if tok is not None:
+        images = sample.decode_codes(tok, codes)
+        assert images.shape == (n, tok.cfg.image_size, tok.cfg.image_size, tok.cfg.channels)
+        assert images.dtype == np.uint8 and images.std() > 0
+
+
+def test_export_ships_float16_ema_weights_that_sample_as_the_cast_model(synthetic_cache, tmp_path):
+    """checkpoints.py export on train.py checkpoints of both architectures (a cache that carries its codebooks: no
+    tokenizer): the file holds kind, arch, config, weights, meta and step and no training state; the parameters are
+    float16 and the frozen codebooks float32, the EMA's exactly; it is about half the bytes of the EMA's state saved
+    in float32 (2 bytes a parameter against 4, the codebooks and the file's framing alike in both). The model it
+    loads is the EMA model with its parameters cast through float16, bit for bit, so from the same seed the two
+    generate the same codes: any difference from shipping is float16 rounding and nothing else."""
+    import rqtransformer
+    for arch in ("resgen", "rqtransformer"):
+        run = tmp_path / arch
+        run_main(*train_args(synthetic_cache, run, 3, "--arch", arch))
+        shipped = tmp_path / "weights" / f"{arch}.pt"
+        run_main("checkpoints.py", "export", "--ckpt", run / "last.pt", "--out", shipped)
+        ckpt = checkpoints.load_checkpoint(str(run / "last.pt"), "resgen")
+        raw = torch.load(shipped, map_location="cpu", weights_only=True)
+        assert set(raw) == {"kind", "arch", "config", "model", "meta", "step"}
+        assert (raw["kind"], raw["arch"], raw["step"], raw["meta"]) == ("resgen", arch, 3, ckpt["meta"])
+        ema = rqtransformer.load_model(str(run / "last.pt"))  # the EMA weights, float32
+        params = dict(ema.named_parameters())
+        assert set(raw["model"]) == set(ema.state_dict()) and "codebooks" not in params
+        assert all(raw["model"][k].dtype == torch.float16 for k in params)
+        assert raw["model"]["codebooks"].dtype == torch.float32
+        assert torch.equal(raw["model"]["codebooks"], ckpt["ema"]["codebooks"])
+        torch.save(ckpt["ema"], tmp_path / "ema32.pt")
+        ratio = os.path.getsize(shipped) / os.path.getsize(tmp_path / "ema32.pt")
+        assert 0.45 < ratio < 0.6, ratio
+        with torch.no_grad():
+            for p in ema.parameters():
+                p.copy_(p.half().float())
+        got = rqtransformer.load_model(str(shipped))
+        assert type(got) is type(ema) and got.step == 3
+        for k, v in ema.state_dict().items():
+            assert got.state_dict()[k].dtype == torch.float32 and torch.equal(got.state_dict()[k], v), k
+        import sample
+        labels = torch.arange(6) % 3
+        a, b = (sample.generate_codes(m, labels, batch_size=6, seed=5, steps=4, cfg=2.0) for m in (ema, got))
+        assert torch.equal(a, b)
+        check_shipped(str(shipped))
+
+
+@needs_fmnist
+def test_export_with_its_tokenizer_samples_pictures_from_any_folder(code_cache, tiny_tokenizer, tmp_path):
+    """--tokenizer-out exports the tokenizer of the model's codes too: its parameters float16, its buffers (the
+    RVQ's codebooks, EMA statistics, the latent scale) exactly the trained ones; the model's meta names it relative
+    to the model's folder, with its new hash, so sample.py on the shipped model writes a picture from another
+    working directory. A second export finds the same tokenizer file and leaves it; a file there holding something
+    else is an error and stays as it was, and the model is not written."""
+    run = tmp_path / "rg"
+    run_main(*train_args(code_cache, run, 3))
+    ship = tmp_path / "ship"
+    model, tok_file = ship / "m.pt", ship / "tokenizers" / "t.pt"
+    export = ("checkpoints.py", "export", "--ckpt", run / "last.pt", "--out", model, "--tokenizer-out")
+    run_main(*export, tok_file)
+    meta = torch.load(model, map_location="cpu", weights_only=True)["meta"]
+    assert meta["tokenizer"] == os.path.join("tokenizers", "t.pt")
+    assert meta["tokenizer_hash"] == checkpoints.file_hash(str(tok_file))
+    raw = torch.load(tok_file, map_location="cpu", weights_only=True)
+    trained = T.load_tokenizer(str(tiny_tokenizer))
+    params = dict(trained.named_parameters())
+    assert set(raw) == {"kind", "config", "model", "step"} and raw["kind"] == "tokenizer" and raw["step"] == 6
+    for k, v in trained.state_dict().items():
+        assert torch.equal(raw["model"][k], v.half() if k in params else v), k
+    assert {k for k, v in raw["model"].items() if v.dtype != torch.float16} == set(raw["model"]) - set(params)
+    assert raw["model"]["rvq.weight"].dtype == raw["model"]["scale"].dtype == torch.float32
+    before = os.stat(tok_file)
+    run_main(*export, tok_file)
+    assert os.stat(tok_file).st_mtime_ns == before.st_mtime_ns and os.stat(tok_file).st_ino == before.st_ino
+    (ship / "other.pt").write_bytes(b"precious")
+    with pytest.raises(UserError, match="holds another file"):
+        run_main("checkpoints.py", "export", "--ckpt", run / "last.pt", "--out", ship / "m2.pt", "--tokenizer-out",
+                 ship / "other.pt")
+    assert (ship / "other.pt").read_bytes() == b"precious" and not (ship / "m2.pt").exists()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run_cmd(os.path.join(HERE, "sample.py"), "--ckpt", os.path.join("..", "ship", "m.pt"), "--n", "4", "--steps",
+            "2", "--out", "s.png", "--device", "cpu", cwd=elsewhere)
+    assert (elsewhere / "s.png").stat().st_size > 0
+    check_shipped(str(model))
+    check_shipped(str(tok_file))
+
+
+def test_export_bad_input_is_one_line_and_overwrites_nothing(synthetic_cache, tmp_path):
+    """A missing file, a file the loaders refuse, an output folder that cannot be made: one 'error:' line, exit 2.
+    Exporting over --ckpt itself, --tokenizer-out for a model that names no tokenizer, a checkpoint of another kind:
+    one UserError each. No file is written or replaced."""
+    run = tmp_path / "rg"
+    run_main(*train_args(synthetic_cache, run, 2))
+    ckpt = run / "last.pt"
+    keep, notes = tmp_path / "keep.pt", tmp_path / "notes.txt"
+    keep.write_bytes(b"precious")
+    notes.write_text("not a checkpoint")
+    unfit = tmp_path / "unfit.pt"
+    torch.save({"kind": "resgen", "config": {"no_such_field": 1}, "model": {}}, unfit)
+    for args in (("--ckpt", tmp_path / "missing.pt", "--out", keep), ("--ckpt", unfit, "--out", keep),
+                 ("--ckpt", ckpt, "--out", notes / "x.pt")):
+        p = run_cmd("checkpoints.py", "export", *map(str, args), check=False)
+        assert_clean_error(p)
+        assert p.returncode == 2
+    clf = tmp_path / "clf.pt"
+    torch.save({"kind": "classifier", "model": {}}, clf)
+    hash_before = checkpoints.file_hash(str(ckpt))
+    for args, match in ((("--ckpt", notes, "--out", keep), "not a valid weights-only checkpoint"),
+                        (("--ckpt", clf, "--out", keep), "expected a 'resgen' or 'tokenizer' checkpoint"),
+                        (("--ckpt", ckpt, "--out", ckpt), "is --ckpt itself"),
+                        (("--ckpt", ckpt, "--out", keep, "--tokenizer-out", tmp_path / "t.pt"), "names no tokenizer")):
+        with pytest.raises(UserError, match=match):
+            run_main("checkpoints.py", "export", *args)
+    assert keep.read_bytes() == b"precious" and checkpoints.file_hash(str(ckpt)) == hash_before
+    assert not (tmp_path / "t.pt").exists() and not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+
+
+def test_every_shipped_weights_file_loads_and_samples():
+    """Every file under weights/ (the weights a clone samples from without training) is an export that the loaders
+    read and that generates codes, and pictures through its tokenizer, of the right shapes and ranges at T = 4
+    (check_shipped). A repository without weights/ passes with nothing to check."""
+    files = sorted(glob.glob(os.path.join(WEIGHTS, "**", "*.pt"), recursive=True))
+    for path in files:
+        check_shipped(path)
 
 
 #################################################################################
