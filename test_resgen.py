@@ -22,11 +22,12 @@ import pytest
 import torch
 from hypothesis import example, given, settings, strategies as st
 
+import checkpoints
 import eval_fid
 import resgen
 import tokenizer
 import tokenizer as T
-from tokenizer import UserError
+from checkpoints import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FMNIST = os.path.isfile(os.path.join(T.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz"))
@@ -34,9 +35,10 @@ needs_fmnist = pytest.mark.skipif(not FMNIST, reason="Fashion-MNIST not installe
 PROPS = settings(max_examples=25, deadline=None)
 
 
-def run_cmd(*args, check=True, timeout=600, env=None):
-    """Run one of the project's scripts as a user would; returns the CompletedProcess."""
-    p = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=timeout,
+def run_cmd(*args, check=True, timeout=600, env=None, cwd=HERE):
+    """Run one of the project's scripts as a user would (from the repository, or from `cwd` with the script's full
+    path); returns the CompletedProcess."""
+    p = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     if check and p.returncode != 0:
         raise AssertionError(f"{args} failed with {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
@@ -223,7 +225,7 @@ def test_image_folder_dataset(tmp_path):
     assert images.shape == (4, 16, 16, 3) and images.dtype == np.uint8 and nc == 2
     assert labels.tolist() == [0, 0, 1, 1]  # sorted class names: a_dog = 0
     os.makedirs(tmp_path / "empty" / "cls")
-    with pytest.raises(T.UserError):
+    with pytest.raises(checkpoints.UserError):
         T.load_images(str(tmp_path / "empty"))
 
 
@@ -255,7 +257,7 @@ def test_code_cache_round_trip(tiny_tokenizer, tmp_path):
     codes, labels, meta = T.load_code_cache(str(out))
     assert codes.dtype == np.uint16 and codes.shape == (40, 8, 8, 3)
     assert meta["depth"] == 3 and meta["codebook_size"] == 32 and meta["grid"] == [8, 8]
-    assert meta["tokenizer_hash"] == T.file_hash(str(tiny_tokenizer)) and meta["latent_scale"] > 0
+    assert meta["tokenizer_hash"] == checkpoints.file_hash(str(tiny_tokenizer)) and meta["latent_scale"] > 0
     tok = T.load_tokenizer(str(tiny_tokenizer))
     images, ref_labels, _ = T.load_images("fashion_mnist", "test", limit=40)
     assert np.array_equal(labels, ref_labels)
@@ -272,7 +274,7 @@ def test_tokenizer_resume_continues(tiny_tokenizer, tmp_path):
     p = run_cmd("tokenizer.py", "train", "--data", "fashion_mnist", "--out", str(out), "--steps", "8", "--limit", "256",
                 "--batch-size", "32", "--depth", "3", "--codebook-size", "32", "--log-every", "1", "--device", "cpu")
     assert "resuming" in p.stdout and "step      7" in p.stdout and "step      6 " not in p.stdout
-    assert T.load_checkpoint(str(out / "last.pt"), "tokenizer")["step"] == 8
+    assert checkpoints.load_checkpoint(str(out / "last.pt"), "tokenizer")["step"] == 8
 
 
 @needs_fmnist
@@ -992,11 +994,11 @@ def test_sampler_rejects_bad_arguments():
     labels = torch.tensor([0])
     for kw in (dict(steps=0), dict(top_p=0.0), dict(cfg_schedule="cubic"), dict(temperature=-1.0)):
         args = dict(steps=2) | kw
-        with pytest.raises(tokenizer.UserError):
+        with pytest.raises(checkpoints.UserError):
             m.generate(labels, **args)
-    with pytest.raises(tokenizer.UserError):
+    with pytest.raises(checkpoints.UserError):
         m.generate(torch.tensor([6]), 2)  # 0..5 allowed (5 = null)
-    with pytest.raises(tokenizer.UserError):
+    with pytest.raises(checkpoints.UserError):
         m.generate(None, 2)
 
 
@@ -1090,7 +1092,7 @@ def test_prompted_sampler_rejects_bad_prompts():
              (dict(prompt_codes=codes.float(), prompt_mask=given), "integer"),
              (dict(prompt_codes=codes), "both"), (dict(prompt_mask=given), "both")]
     for kw, match in cases:
-        with pytest.raises(tokenizer.UserError, match=match):
+        with pytest.raises(checkpoints.UserError, match=match):
             m.generate(labels, 2, **kw)
     handle.remove()
     assert seen == []
@@ -1138,12 +1140,12 @@ def test_load_resgen_roundtrip_and_mismatch(tmp_path):
     ckpt = {"kind": "resgen", "config": asdict(m.config), "model": m.state_dict(), "ema": ema,
             "step": 12, "meta": {"depth": 2}}
     path = tmp_path / "last.pt"
-    tokenizer.save_checkpoint(ckpt, path)
+    checkpoints.save_checkpoint(ckpt, path)
     m2 = resgen.load_resgen(str(path))
     assert m2.step == 12 and m2.meta == {"depth": 2} and not m2.training
     # ema=True reads the EMA weights (which may omit the frozen codebooks), ema=False the raw ones
     ema_only = {"_orig_mod." + k: v + 1 for k, v in ema.items() if k != "codebooks"}
-    tokenizer.save_checkpoint(dict(ckpt, ema=ema_only), path)
+    checkpoints.save_checkpoint(dict(ckpt, ema=ema_only), path)
     w = m.code_in.weight
     torch.testing.assert_close(resgen.load_resgen(str(path)).code_in.weight, w + 1)
     torch.testing.assert_close(resgen.load_resgen(str(path), ema=False).code_in.weight, w)
@@ -1152,8 +1154,8 @@ def test_load_resgen_roundtrip_and_mismatch(tmp_path):
     assert torch.equal(m.generate(labels, 3, generator=torch.Generator().manual_seed(0)),
                        m2.generate(labels, 3, generator=torch.Generator().manual_seed(0)))
     bad = dict(ckpt, config=dict(ckpt["config"], depth=3))
-    tokenizer.save_checkpoint(bad, path)
-    with pytest.raises(tokenizer.UserError, match="checkpoint .* vs model"):
+    checkpoints.save_checkpoint(bad, path)
+    with pytest.raises(checkpoints.UserError, match="checkpoint .* vs model"):
         resgen.load_resgen(str(path))
 
 
@@ -1165,10 +1167,10 @@ def test_checkpoint_with_unknown_config_fields_is_refused(tmp_path, head):
     m = tiny_model(L=4, D=2, head=head)
     path = tmp_path / "last.pt"
     for old in (dict(scales="isotropic", log_scale_max=2.0), dict(mixtures=256, mean_rank=0)):
-        tokenizer.save_checkpoint({"kind": "resgen", "config": dict(asdict(m.config), **old),
+        checkpoints.save_checkpoint({"kind": "resgen", "config": dict(asdict(m.config), **old),
                                    "model": m.state_dict(), "ema": None}, path)
         lacks = f"config fields {', '.join(sorted(old))} that this resgen.py's ResGenConfig lacks"
-        with pytest.raises(tokenizer.UserError, match=lacks):
+        with pytest.raises(checkpoints.UserError, match=lacks):
             resgen.load_resgen(str(path))
     p = run_cmd("sample.py", "--ckpt", str(path), "--n", "2", "--out", str(tmp_path / "s.png"), check=False)
     assert_clean_error(p)
@@ -1189,7 +1191,7 @@ def test_sizes():
     wide = dict(length=1, depth=1, code_dim=256, num_classes=1)
     assert resgen.make_config("tiny", codebook_size=256, **wide).offset_rank == resgen.LOW_RANK
     assert resgen.make_config("tiny", length=1, depth=1, codebook_size=2, code_dim=16, num_classes=1).offset_rank == 0
-    with pytest.raises(tokenizer.UserError):
+    with pytest.raises(checkpoints.UserError):
         resgen.make_config("huge", length=1, depth=1, codebook_size=1, code_dim=1, num_classes=1)
 
 
@@ -1241,7 +1243,7 @@ def test_end_to_end_train_and_sample(code_cache, tiny_classifier, tmp_path, head
 
 
 def _params(path, key):
-    return T.load_checkpoint(str(path), "resgen")[key]
+    return checkpoints.load_checkpoint(str(path), "resgen")[key]
 
 
 def _logged_step(out):
@@ -1276,13 +1278,14 @@ def test_resume_after_sigkill_matches_uninterrupted_run(code_cache, tmp_path):
             _time.sleep(0.005)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        killed_at.append(T.load_checkpoint(str(out / "last.pt"), "resgen")["step"])
+        killed_at.append(checkpoints.load_checkpoint(str(out / "last.pt"), "resgen")["step"])
     assert all(0 < k < steps for k in killed_at) and killed_at == sorted(killed_at), killed_at
     run_cmd(*cmd(out)[1:], env=two)
     assert straight.wait(timeout=300) == 0
-    assert T.load_checkpoint(str(out / "last.pt"), "resgen")["step"] == steps
+    assert checkpoints.load_checkpoint(str(out / "last.pt"), "resgen")["step"] == steps
     assert_same_end(ref, again)
     assert_same_end(ref, out)
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
 
 
 @needs_fmnist
@@ -1291,11 +1294,11 @@ def test_time_limit_stops_with_a_checkpoint_and_resumes(code_cache, tmp_path):
     command without the limit then resumes from that step and finishes."""
     out = tmp_path / "rg"
     p = run_cmd(*train_args(code_cache, out, 100_000, "--ckpt-every", "100000", "--time-limit", "1"))
-    stopped = T.load_checkpoint(str(out / "last.pt"), "resgen")["step"]
+    stopped = checkpoints.load_checkpoint(str(out / "last.pt"), "resgen")["step"]
     assert 0 < stopped < 100_000 and stopped % 10 == 0
     assert f"reached at step {stopped}" in p.stdout and read_log(out)[-1]["step"] == stopped
     run_cmd(*train_args(code_cache, out, stopped + 3))
-    assert T.load_checkpoint(str(out / "last.pt"), "resgen")["step"] == stopped + 3
+    assert checkpoints.load_checkpoint(str(out / "last.pt"), "resgen")["step"] == stopped + 3
     assert [r["step"] for r in read_log(out)][-4:] == [stopped, stopped + 1, stopped + 2, stopped + 3]
 
 
@@ -1308,8 +1311,8 @@ def test_keep_steps_keeps_those_checkpoints_across_a_resume(code_cache, tmp_path
     run_cmd(*train_args(code_cache, out, 6, "--ckpt-every", "100", "--keep-steps", "5,2"))
     assert sorted(f for f in os.listdir(out) if f.endswith(".pt")) == ["last.pt", "step_0000002.pt", "step_0000005.pt"]
     for k in (2, 5):
-        assert T.load_checkpoint(str(out / f"step_{k:07d}.pt"), "resgen")["step"] == k
-    assert T.load_checkpoint(str(out / "last.pt"), "resgen")["step"] == 6
+        assert checkpoints.load_checkpoint(str(out / f"step_{k:07d}.pt"), "resgen")["step"] == k
+    assert checkpoints.load_checkpoint(str(out / "last.pt"), "resgen")["step"] == 6
     p = run_cmd(*train_args(code_cache, tmp_path / "bad", 3, "--keep-steps", "2,x"), check=False)
     assert p.returncode != 0 and "--keep-steps" in p.stderr and "Traceback" not in p.stderr
 
@@ -1324,7 +1327,7 @@ def test_resume_fills_config_fields_added_since_the_checkpoint(code_cache, tmp_p
     del ckpt["config"]["schedule"]
     torch.save(ckpt, out / "last.pt")
     run_cmd(*train_args(code_cache, out, 4))
-    assert T.load_checkpoint(str(out / "last.pt"), "resgen")["step"] == 4
+    assert checkpoints.load_checkpoint(str(out / "last.pt"), "resgen")["step"] == 4
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     ckpt["config"]["from_the_future"] = 1
     torch.save(ckpt, out / "last.pt")
@@ -1342,11 +1345,11 @@ def test_failed_checkpoint_write_keeps_previous(code_cache, tmp_path, monkeypatc
     def broken_save(obj, f, *a, **k):
         f.write(b"partial bytes")
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(T.torch, "save", broken_save)
+    monkeypatch.setattr(checkpoints.torch, "save", broken_save)
     with pytest.raises(OSError):
         train.main(list(train_args(code_cache, out, 6, "--ckpt-every", "3"))[1:])
     monkeypatch.undo()
-    ckpt = T.load_checkpoint(str(out / "last.pt"), "resgen")
+    ckpt = checkpoints.load_checkpoint(str(out / "last.pt"), "resgen")
     assert ckpt["step"] == 3 and all(torch.equal(before[k], ckpt["model"][k]) for k in before)
     assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
 
@@ -1456,7 +1459,7 @@ def assert_same_tree(a, b, where="checkpoint"):
 def assert_same_end(ref, out):
     """The runs in `ref` and `out` ended in the same state: last.pt (model, EMA, optimiser, step, data position,
     RNG states of every rank, config, meta) and log.jsonl bit for bit, timings aside."""
-    a, b = (T.load_checkpoint(str(d / "last.pt"), "resgen") for d in (ref, out))
+    a, b = (checkpoints.load_checkpoint(str(d / "last.pt"), "resgen") for d in (ref, out))
     assert a.pop("args")["out"] != b.pop("args")["out"]  # the only difference between the two commands
     assert_same_tree(a, b)
     timing = ("steps_per_s", "tokens_per_s")
@@ -1495,7 +1498,7 @@ def test_sigterm_stops_at_a_step_with_a_checkpoint_and_resumes_exactly(synthetic
     ref, out = tmp_path / "ref", tmp_path / "stopped"
     run_main(*cmd_args(ref))
     rc, text = signal_after_step([sys.executable, *cmd_args(out)], 5, lambda p: p.send_signal(signal.SIGTERM))
-    stopped = T.load_checkpoint(str(out / "last.pt"), "resgen")["step"]
+    stopped = checkpoints.load_checkpoint(str(out / "last.pt"), "resgen")["step"]
     assert rc == 128 + signal.SIGTERM and 5 <= stopped < steps, (rc, stopped, text[-2000:])
     assert f"SIGTERM received: stopped at step {stopped} with a checkpoint in {out / 'last.pt'}" in text
     assert read_log(out)[-1]["step"] == stopped
@@ -1525,7 +1528,7 @@ def test_sigterm_to_one_torchrun_rank_stops_every_rank_at_one_step(synthetic_cac
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rc, text = signal_after_step(torchrun(out), 3, lambda p: os.kill(torchrun_worker(p.pid, 1), signal.SIGTERM))
     assert reference.wait(timeout=300) == 0
-    stopped = T.load_checkpoint(str(out / "last.pt"), "resgen")["step"]
+    stopped = checkpoints.load_checkpoint(str(out / "last.pt"), "resgen")["step"]
     assert rc != 0 and 0 < stopped < steps and stopped % train.STOP_EVERY == 0, (rc, stopped, text[-3000:])
     assert f"SIGTERM received: stopped at step {stopped}" in text and read_log(out)[-1]["step"] == stopped
     run_cmd(*torchrun(out)[1:])
@@ -1542,7 +1545,7 @@ def test_sigterm_then_sigint_during_the_checkpoint_write_keeps_last_pt_whole(syn
     cmd_args = lambda out: train_args(synthetic_cache, out, 12, "--ckpt-every", "1000")[1:]
     ref, out = tmp_path / "ref", tmp_path / "stopped"
     run_main("train.py", *cmd_args(ref))
-    real_lr_at, real_save = train.lr_at, T.torch.save
+    real_lr_at, real_save = train.lr_at, checkpoints.torch.save
 
     def lr_at(step, args):  # called at the start of each step's work
         if step == 4:
@@ -1557,7 +1560,7 @@ def test_sigterm_then_sigint_during_the_checkpoint_write_keeps_last_pt_whole(syn
     def unhandled(signum, frame):  # in place of KeyboardInterrupt and death, which would end pytest itself
         raise RuntimeError(f"signal {signum} reached the handler that train.main should have replaced")
     monkeypatch.setattr(train, "lr_at", lr_at)
-    monkeypatch.setattr(T.torch, "save", save)
+    monkeypatch.setattr(checkpoints.torch, "save", save)
     previous = [signal.signal(s, unhandled) for s in STOP_SIGNALS]
     try:
         with pytest.raises(SystemExit) as stop:
@@ -1568,7 +1571,7 @@ def test_sigterm_then_sigint_during_the_checkpoint_write_keeps_last_pt_whole(syn
             signal.signal(s, h)
     monkeypatch.undo()
     assert stop.value.code == 128 + signal.SIGTERM
-    assert T.load_checkpoint(str(out / "last.pt"), "resgen")["step"] == 5 and read_log(out)[-1]["step"] == 5
+    assert checkpoints.load_checkpoint(str(out / "last.pt"), "resgen")["step"] == 5 and read_log(out)[-1]["step"] == 5
     assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
     run_main("train.py", *cmd_args(out))
     assert_same_end(ref, out)
@@ -2463,7 +2466,7 @@ def test_rq_train_resume_sample_and_continue(tmp_path):
     run_main(*train_args(cache, whole, 4, "--arch", "rqtransformer"))
     run_main(*train_args(cache, cut, 2, "--arch", "rqtransformer"))
     run_main(*train_args(cache, cut, 4, "--arch", "rqtransformer"))
-    a, b = (T.load_checkpoint(str(p / "last.pt"), "resgen") for p in (whole, cut))
+    a, b = (checkpoints.load_checkpoint(str(p / "last.pt"), "resgen") for p in (whole, cut))
     assert a["arch"] == "rqtransformer" and a["step"] == b["step"] == 4
     for key in ("model", "ema"):
         for k, v in a[key].items():
@@ -2498,7 +2501,7 @@ def test_rq_train_resume_sample_and_continue(tmp_path):
                 str(tmp_path / "k.npy"), "--device", "cpu", check=False)
     assert_clean_error(p)
     assert "continues a prefix" in p.stderr
-    assert not (tmp_path / "k.npy").exists() and T.load_checkpoint(ckpt, "resgen")["step"] == 4
+    assert not (tmp_path / "k.npy").exists() and checkpoints.load_checkpoint(ckpt, "resgen")["step"] == 4
 
 
 @needs_fmnist
@@ -2695,6 +2698,164 @@ def test_bench_quick_runs_every_row(tmp_path):
     assert all(r["growth"] > 0 for r in versus.values())
     if not torch.cuda.is_available():
         assert "not measured (no CUDA)" in p.stdout
+
+
+#################################################################################
+#             Shipped weights: checkpoints.py export and weights/               #
+#################################################################################
+
+WEIGHTS = os.path.join(HERE, "weights")            # the shipped weights files, when the repository holds them
+TRAINING_STATE = ("ema", "optimizer", "rng", "data_position", "args")  # what a shipped file leaves out
+
+
+def check_shipped(path, n=4):
+    """A shipped file loads through the loaders every command uses and generates: a model n codes at T = 4 (and,
+    when it names a tokenizer, their pictures through it), a tokenizer the pictures of n random code grids and their
+    codes again, each with the shapes and the value ranges its config gives. Seconds on a CPU."""
+    import sample
+    raw = checkpoints.load_checkpoint(path, ("resgen", "tokenizer"))
+    assert not set(TRAINING_STATE) & set(raw), f"{path} holds training state {set(TRAINING_STATE) & set(raw)}"
+    assert any(v.dtype == torch.float16 for v in raw["model"].values()), f"{path}: no float16 weights, not an export"
+    if raw["kind"] == "tokenizer":
+        tok = T.load_tokenizer(path)
+        cfg = tok.cfg
+        g = torch.Generator().manual_seed(0)
+        codes = torch.randint(0, cfg.codebook_size, (n, cfg.grid, cfg.grid, cfg.depth), generator=g)
+        images = tok.decode(codes)
+        assert images.shape == (n, cfg.channels, cfg.image_size, cfg.image_size) and images.dtype == torch.float32
+        assert bool(torch.isfinite(images).all()) and float(images.abs().max()) <= 1
+        again = tok.encode(images)
+        assert again.shape == codes.shape and 0 <= int(again.min()) and int(again.max()) < cfg.codebook_size
+        return
+    model, tok = sample.load_for_sampling(path, decoder=False)
+    c = model.config
+    codes = sample.generate_codes(model, torch.arange(n) % max(1, c.num_classes), batch_size=n, steps=4)
+    assert codes.shape == (n, c.length, c.depth) and codes.dtype == torch.int64
+    assert 0 <= int(codes.min()) and int(codes.max()) < c.codebook_size
+    if tok is not None:
+        images = sample.decode_codes(tok, codes)
+        assert images.shape == (n, tok.cfg.image_size, tok.cfg.image_size, tok.cfg.channels)
+        assert images.dtype == np.uint8 and images.std() > 0
+
+
+def test_export_ships_float16_ema_weights_that_sample_as_the_cast_model(synthetic_cache, tmp_path):
+    """checkpoints.py export on train.py checkpoints of both architectures (a cache that carries its codebooks: no
+    tokenizer): the file holds kind, arch, config, weights, meta and step and no training state; the parameters are
+    float16 and the frozen codebooks float32, the EMA's exactly; it is about half the bytes of the EMA's state saved
+    in float32 (2 bytes a parameter against 4, the codebooks and the file's framing alike in both). The model it
+    loads is the EMA model with its parameters cast through float16, bit for bit, so from the same seed the two
+    generate the same codes: any difference from shipping is float16 rounding and nothing else."""
+    import rqtransformer
+    for arch in ("resgen", "rqtransformer"):
+        run = tmp_path / arch
+        run_main(*train_args(synthetic_cache, run, 3, "--arch", arch))
+        shipped = tmp_path / "weights" / f"{arch}.pt"
+        run_main("checkpoints.py", "export", "--ckpt", run / "last.pt", "--out", shipped)
+        ckpt = checkpoints.load_checkpoint(str(run / "last.pt"), "resgen")
+        raw = torch.load(shipped, map_location="cpu", weights_only=True)
+        assert set(raw) == {"kind", "arch", "config", "model", "meta", "step"}
+        assert (raw["kind"], raw["arch"], raw["step"], raw["meta"]) == ("resgen", arch, 3, ckpt["meta"])
+        ema = rqtransformer.load_model(str(run / "last.pt"))  # the EMA weights, float32
+        params = dict(ema.named_parameters())
+        assert set(raw["model"]) == set(ema.state_dict()) and "codebooks" not in params
+        assert all(raw["model"][k].dtype == torch.float16 for k in params)
+        assert raw["model"]["codebooks"].dtype == torch.float32
+        assert torch.equal(raw["model"]["codebooks"], ckpt["ema"]["codebooks"])
+        torch.save(ckpt["ema"], tmp_path / "ema32.pt")
+        ratio = os.path.getsize(shipped) / os.path.getsize(tmp_path / "ema32.pt")
+        assert 0.45 < ratio < 0.6, ratio
+        with torch.no_grad():
+            for p in ema.parameters():
+                p.copy_(p.half().float())
+        got = rqtransformer.load_model(str(shipped))
+        assert type(got) is type(ema) and got.step == 3
+        for k, v in ema.state_dict().items():
+            assert got.state_dict()[k].dtype == torch.float32 and torch.equal(got.state_dict()[k], v), k
+        import sample
+        labels = torch.arange(6) % 3
+        a, b = (sample.generate_codes(m, labels, batch_size=6, seed=5, steps=4, cfg=2.0) for m in (ema, got))
+        assert torch.equal(a, b)
+        check_shipped(str(shipped))
+
+
+@needs_fmnist
+def test_export_with_its_tokenizer_samples_pictures_from_any_folder(code_cache, tiny_tokenizer, tmp_path):
+    """--tokenizer-out exports the tokenizer of the model's codes too: its parameters float16, its buffers (the
+    RVQ's codebooks, EMA statistics, the latent scale) exactly the trained ones; the model's meta names it relative
+    to the model's folder, with its new hash, so sample.py on the shipped model writes a picture from another
+    working directory. A second export finds the same tokenizer file and leaves it; a file there holding something
+    else is an error and stays as it was, and the model is not written."""
+    run = tmp_path / "rg"
+    run_main(*train_args(code_cache, run, 3))
+    ship = tmp_path / "ship"
+    model, tok_file = ship / "m.pt", ship / "tokenizers" / "t.pt"
+    export = ("checkpoints.py", "export", "--ckpt", run / "last.pt", "--out", model, "--tokenizer-out")
+    run_main(*export, tok_file)
+    meta = torch.load(model, map_location="cpu", weights_only=True)["meta"]
+    assert meta["tokenizer"] == os.path.join("tokenizers", "t.pt")
+    assert meta["tokenizer_hash"] == checkpoints.file_hash(str(tok_file))
+    raw = torch.load(tok_file, map_location="cpu", weights_only=True)
+    trained = T.load_tokenizer(str(tiny_tokenizer))
+    params = dict(trained.named_parameters())
+    assert set(raw) == {"kind", "config", "model", "step"} and raw["kind"] == "tokenizer" and raw["step"] == 6
+    for k, v in trained.state_dict().items():
+        assert torch.equal(raw["model"][k], v.half() if k in params else v), k
+    assert {k for k, v in raw["model"].items() if v.dtype != torch.float16} == set(raw["model"]) - set(params)
+    assert raw["model"]["rvq.weight"].dtype == raw["model"]["scale"].dtype == torch.float32
+    before = os.stat(tok_file)
+    run_main(*export, tok_file)
+    assert os.stat(tok_file).st_mtime_ns == before.st_mtime_ns and os.stat(tok_file).st_ino == before.st_ino
+    (ship / "other.pt").write_bytes(b"precious")
+    with pytest.raises(UserError, match="holds another file"):
+        run_main("checkpoints.py", "export", "--ckpt", run / "last.pt", "--out", ship / "m2.pt", "--tokenizer-out",
+                 ship / "other.pt")
+    assert (ship / "other.pt").read_bytes() == b"precious" and not (ship / "m2.pt").exists()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run_cmd(os.path.join(HERE, "sample.py"), "--ckpt", os.path.join("..", "ship", "m.pt"), "--n", "4", "--steps",
+            "2", "--out", "s.png", "--device", "cpu", cwd=elsewhere)
+    assert (elsewhere / "s.png").stat().st_size > 0
+    check_shipped(str(model))
+    check_shipped(str(tok_file))
+
+
+def test_export_bad_input_is_one_line_and_overwrites_nothing(synthetic_cache, tmp_path):
+    """A missing file, a file the loaders refuse, an output folder that cannot be made: one 'error:' line, exit 2.
+    Exporting over --ckpt itself, --tokenizer-out for a model that names no tokenizer, a checkpoint of another kind:
+    one UserError each. No file is written or replaced."""
+    run = tmp_path / "rg"
+    run_main(*train_args(synthetic_cache, run, 2))
+    ckpt = run / "last.pt"
+    keep, notes = tmp_path / "keep.pt", tmp_path / "notes.txt"
+    keep.write_bytes(b"precious")
+    notes.write_text("not a checkpoint")
+    unfit = tmp_path / "unfit.pt"
+    torch.save({"kind": "resgen", "config": {"no_such_field": 1}, "model": {}}, unfit)
+    for args in (("--ckpt", tmp_path / "missing.pt", "--out", keep), ("--ckpt", unfit, "--out", keep),
+                 ("--ckpt", ckpt, "--out", notes / "x.pt")):
+        p = run_cmd("checkpoints.py", "export", *map(str, args), check=False)
+        assert_clean_error(p)
+        assert p.returncode == 2
+    clf = tmp_path / "clf.pt"
+    torch.save({"kind": "classifier", "model": {}}, clf)
+    hash_before = checkpoints.file_hash(str(ckpt))
+    for args, match in ((("--ckpt", notes, "--out", keep), "not a valid weights-only checkpoint"),
+                        (("--ckpt", clf, "--out", keep), "expected a 'resgen' or 'tokenizer' checkpoint"),
+                        (("--ckpt", ckpt, "--out", ckpt), "is --ckpt itself"),
+                        (("--ckpt", ckpt, "--out", keep, "--tokenizer-out", tmp_path / "t.pt"), "names no tokenizer")):
+        with pytest.raises(UserError, match=match):
+            run_main("checkpoints.py", "export", *args)
+    assert keep.read_bytes() == b"precious" and checkpoints.file_hash(str(ckpt)) == hash_before
+    assert not (tmp_path / "t.pt").exists() and not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+
+
+def test_every_shipped_weights_file_loads_and_samples():
+    """Every file under weights/ (the weights a clone samples from without training) is an export that the loaders
+    read and that generates codes, and pictures through its tokenizer, of the right shapes and ranges at T = 4
+    (check_shipped). A repository without weights/ passes with nothing to check."""
+    files = sorted(glob.glob(os.path.join(WEIGHTS, "**", "*.pt"), recursive=True))
+    for path in files:
+        check_shipped(path)
 
 
 #################################################################################

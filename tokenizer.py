@@ -17,7 +17,6 @@ Rerunning `train` with the same --out resumes from OUT/last.pt.
 import argparse
 import gc
 import gzip
-import hashlib
 import json
 import math
 import os
@@ -25,7 +24,7 @@ import struct
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -33,222 +32,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from checkpoints import (DEVICE_HELP, UserError, check_writable_dir, default_device, file_hash, load_checkpoint,
+                         parse_device, publish, run_cli, save_checkpoint, strip_prefixes)
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-
-
-#################################################################################
-#             Errors, checkpoint files, and checks both models share            #
-#################################################################################
-
-class UserError(Exception):
-    """Bad input from the user: reported as one line on stderr and a non-zero exit, never a traceback."""
-
-
-def run_cli(main):
-    """Run a command-line `main()`, turning UserError (and a few OS errors) into one clear line and exit 2."""
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
-
-
-def publish(tmp, path):
-    """Rename a finished temporary file into place, with the permissions a plainly created file would get
-    (mkstemp makes files private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(obj, path):
-    """Atomic write: a temporary file in the same folder, fsync, then rename, so a kill never leaves a broken file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def load_checkpoint(path, kind):
-    """Load a checkpoint dict written by this project. weights_only=True: a checkpoint never runs pickled code."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, truncated file, or a file holding pickled objects
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load checkpoint {path}: not a valid weights-only checkpoint ({first[:160]})")
-    if not isinstance(ckpt, dict) or "kind" not in ckpt:
-        raise UserError(f"{path} is not a checkpoint of this project (no 'kind' field)")
-    if ckpt["kind"] != kind:
-        raise UserError(f"{path} is a {ckpt['kind']!r} checkpoint, expected a {kind!r} checkpoint")
-    return ckpt
-
-
-def strip_prefixes(state_dict):
-    """Remove the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes from state-dict keys."""
-    out = {}
-    for k, v in state_dict.items():
-        for p in ("module.", "_orig_mod."):
-            k = k.replace(p, "")
-        out[k] = v
-    return out
-
-
-def sized_config(cls, sizes, size, overrides):
-    """A config of dataclass `cls` from a named size in `sizes` plus the data-dependent fields (length, depth, ...)."""
-    if size not in sizes:
-        raise UserError(f"unknown model size {size!r}; choose from {', '.join(sizes)}")
-    unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
-    if unknown:
-        raise UserError(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
-    return cls(**{**sizes[size], **overrides})
-
-
-def config_from_checkpoint(ckpt, path, config_class, what):
-    """The config (ResGenConfig or rqtransformer's RQTransformerConfig) a train.py checkpoint was trained with; `what`
-    ("a ResGen", "an RQ-Transformer") names the model in errors. Fields added to the class since the checkpoint was
-    written take their defaults (so older checkpoints load and resume); fields the class lacks (a retired head's,
-    another version's) are a UserError that names them."""
-    if "config" not in ckpt:
-        raise UserError(f"{path} has no 'config' entry: not {what} training checkpoint")
-    config = dict(ckpt["config"])
-    unknown = sorted(set(config) - {f.name for f in fields(config_class)})
-    if unknown:
-        raise UserError(f"{path} has config fields {', '.join(unknown)} that this {config_class.__module__}.py's "
-                        f"{config_class.__name__} lacks")
-    try:
-        return config_class(**config)
-    except TypeError as e:
-        raise UserError(f"{path}: config does not fit {config_class.__name__} ({e})")
-
-
-def model_from_checkpoint(ckpt, path, model_class, config_class, what, ema=True, device="cpu"):
-    """`model_class` (ResGen or RQTransformer) with the weights of a train.py checkpoint already read (PAPER.md §14),
-    in eval mode, with `.meta` (the code cache's meta.json) and `.step` attached: the one loader of both
-    architectures. ema=True takes the EMA weights when the checkpoint has them; a state dict that does not fit the
-    model its config describes (missing, extra or reshaped entries) is a UserError that lists them."""
-    if "model" not in ckpt:
-        raise UserError(f"{path} has no 'model' entry: not {what} training checkpoint")
-    config = config_from_checkpoint(ckpt, path, config_class, what)
-    model_state = strip_prefixes(ckpt["model"])
-    state = strip_prefixes(ckpt["ema"]) if ema and ckpt.get("ema") is not None else model_state
-    if "codebooks" not in state and "codebooks" in model_state:  # an EMA of the trained parameters only
-        state["codebooks"] = model_state["codebooks"]
-    model = model_class(config, torch.zeros(config.depth, config.codebook_size, config.code_dim))
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or extra or shapes:
-        parts = ([f"missing in checkpoint: {', '.join(missing[:5])}"] if missing else []) + \
-                ([f"not in model: {', '.join(extra[:5])}"] if extra else []) + shapes[:5]
-        raise UserError(f"{path} does not match the model its config describes ({asdict(config)}): " + "; ".join(parts))
-    model.load_state_dict(state)
-    model.meta = ckpt.get("meta", {})
-    model.step = ckpt.get("step", 0)
-    return model.to(device).eval()
-
-
-def check_sizes(config, positive):
-    """One clear UserError for a model config's sizes: the fields named in `positive` >= 1, num_classes >= 0,
-    width divisible by heads."""
-    name = type(config).__name__
-    for field in positive:
-        if getattr(config, field) < 1:
-            raise UserError(f"{name}.{field} must be >= 1, got {getattr(config, field)}")
-    if config.num_classes < 0:
-        raise UserError(f"{name}.num_classes must be >= 0, got {config.num_classes}")
-    if config.width % config.heads:
-        raise UserError(f"{name}.width {config.width} is not divisible by heads {config.heads}")
-
-
-def keep_codebooks(model, config, codebooks):
-    """model.config = config and the codebooks (D, V, c), checked against it, as a frozen buffer: a checkpoint then
-    embeds codes and decodes samples on its own."""
-    expected = (config.depth, config.codebook_size, config.code_dim)
-    if tuple(codebooks.shape) != expected:
-        raise UserError(f"codebooks have shape {tuple(codebooks.shape)} (D, V, c) but the {type(model).__name__} "
-                        f"config expects {expected} (depth, codebook_size, code_dim)")
-    model.config = config
-    model.register_buffer("codebooks", codebooks.detach().float().clone())
-
-
-def prompt_tensors(prompt_codes, prompt_mask, want, V, device, check_order):
-    """A prompt's codes (B, L, D) int64 (0 where not given) and given (B, L, D) bool on `device`, or None for no
-    prompt; one clear UserError for a missing half, a wrong shape or dtype, codes out of 0..V-1 where given, or a
-    mask that check_order(prompt_mask) refuses (each architecture continues prompts of its own shape). Reads the
-    tensors on the host: once, before a sampler's step loop."""
-    if prompt_codes is None and prompt_mask is None:
-        return None
-    if prompt_codes is None or prompt_mask is None:
-        raise UserError("a prompt needs both prompt_codes and prompt_mask")
-    for name, t in (("prompt_codes", prompt_codes), ("prompt_mask", prompt_mask)):
-        if tuple(t.shape) != want:
-            raise UserError(f"{name} has shape {tuple(t.shape)}; this model samples (B, L, D) = {want}")
-    if prompt_mask.dtype != torch.bool:
-        raise UserError(f"prompt_mask must be bool (True = given), got {prompt_mask.dtype}")
-    check_order(prompt_mask)
-    if prompt_codes.dtype.is_floating_point or prompt_codes.dtype == torch.bool:
-        raise UserError(f"prompt_codes must be integer codes, got {prompt_codes.dtype}")
-    given = prompt_mask.to(device)
-    codes = torch.where(given, prompt_codes.to(device=device, dtype=torch.long), 0)
-    bad = given & ((codes < 0) | (codes >= V))
-    if bool(bad.any()):
-        b, i, j = bad.nonzero()[0].tolist()
-        raise UserError(f"prompt_codes must be in 0..{V - 1} where given; row {b}, position {i}, depth {j} "
-                        f"holds {int(codes[b, i, j])}")
-    return codes, given
-
-
-def file_hash(path):
-    """Short sha256 of a file: ties a code cache and a ResGen checkpoint to the tokenizer that made the codes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def check_writable_dir(path):
-    """Create `path` if needed and make sure we can write there; UserError otherwise (before any work is done)."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=path)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UserError(f"cannot write to output folder {path}: {e.strerror or e}")
-
-
-def default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-DEVICE_HELP = "torch device: cpu, cuda or cuda:N (default: cuda when there is one, else cpu)"
-
-
-def parse_device(name):
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise UserError(f"unknown --device {name!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for, but CUDA is not available here")
-    return dev
 
 
 #################################################################################

@@ -44,11 +44,11 @@ import torch.nn as nn
 
 import resgen
 import rqtransformer
+from checkpoints import (DEVICE_HELP, UserError, check_writable_dir, default_device, file_hash, load_checkpoint,
+                         parse_device, run_cli, save_checkpoint)
 from resgen import HEADS, ResGen, sample_mask
 from rqtransformer import ARCHS, RQTransformer, arch_of, checkpoint_arch, checkpoint_config
-from tokenizer import (DEVICE_HELP, UserError, check_writable_dir, code_range, default_device, file_hash,
-                       load_cache_codebooks, load_checkpoint, load_code_cache, load_tokenizer, parse_device, run_cli,
-                       save_checkpoint, setup_dist, teardown_dist)
+from tokenizer import code_range, load_cache_codebooks, load_code_cache, load_tokenizer, setup_dist, teardown_dist
 
 
 #################################################################################
