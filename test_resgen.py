@@ -2476,7 +2476,7 @@ def test_rq_train_resume_sample_and_continue(tmp_path):
     ckpt = str(whole / "last.pt")
     model = rqtransformer.load_model(ckpt)
     assert isinstance(model, rqtransformer.RQTransformer) and model.step == 4 and not model.training
-    assert sample.sampler_settings(model, {}) == dict(cfg=1.0, cfg_schedule="constant", top_p=1.0, temperature=1.0,
+    assert sample.sampler_settings(model, {}) == dict(cfg=3.0, cfg_schedule="constant", top_p=1.0, temperature=0.7,
                                                       top_k=0)
     run_main("sample.py", "--ckpt", ckpt, "--n", "5", "--cfg", "2", "--top-k", "4", "--codes-out", tmp_path / "s.npy",
              "--device", "cpu")
