@@ -149,7 +149,7 @@ class ResGenConfig:
     width: int                   # C: transformer width
     layers: int                  # DiT blocks
     heads: int                   # attention heads
-    components_per_code: int = 4  # M: MoG components per code of the first masked depth (K = V·M; RESULTS.md §1.3)
+    components_per_code: int = -1  # M: MoG components per code of depth p (K = V·M); -1 = auto (RESULTS.md §1.3)
     head_layers: int = 2         # gated-MLP blocks in the MoG head before its projections
     offset_rank: int = -1        # r: per-component offsets as r-vectors lifted by c×r matrices; 0 = full; -1 = auto
     classification_weight: float = -1.0  # λ on the MoG head's classification term; -1 = c (RESULTS.md §1)
@@ -163,6 +163,8 @@ class ResGenConfig:
     text_length: int = 0         # P: prefix positions before the L code positions: never masked, never scored
 
     def __post_init__(self):
+        if self.components_per_code == -1:  # 4 (draws a position's depths jointly) while K = V·M stays <= 2^14
+            self.components_per_code = max(1, min(4, OFFSET_OUTPUTS // max(1, self.codebook_size)))
         if self.offset_rank == -1:  # full offsets while they are cheap; low rank for wide latents (imagenet256: c = 256)
             K = max(1, self.codebook_size * self.components_per_code)
             self.offset_rank = 0 if self.code_dim <= LOW_RANK_ABOVE else max(1, min(LOW_RANK, OFFSET_OUTPUTS // K))

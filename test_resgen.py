@@ -1189,7 +1189,9 @@ def test_sizes():
     head = sum(p.numel() for p in m.head.parameters())
     assert cfg.offset_rank == 1 and head < 60e6, (cfg.offset_rank, head)  # rank 64: 1.5G (K = V = 16384 components)
     wide = dict(length=1, depth=1, code_dim=256, num_classes=1)
-    assert resgen.make_config("tiny", codebook_size=256, **wide).offset_rank == resgen.LOW_RANK
+    assert resgen.make_config("tiny", codebook_size=256, components_per_code=1, **wide).offset_rank == resgen.LOW_RANK
+    auto_m = lambda V: resgen.make_config("tiny", codebook_size=V, **wide).components_per_code  # noqa: E731
+    assert (auto_m(256), auto_m(4096), auto_m(8192), auto_m(16384)) == (4, 4, 2, 1)
     assert resgen.make_config("tiny", length=1, depth=1, codebook_size=2, code_dim=16, num_classes=1).offset_rank == 0
     with pytest.raises(checkpoints.UserError):
         resgen.make_config("huge", length=1, depth=1, codebook_size=1, code_dim=1, num_classes=1)
