@@ -71,10 +71,10 @@ class RQTransformerConfig:
 
 # Named sizes at ResGen's widths and heads (resgen.SIZES), with the blocks split between the two transformers about
 # as the authors split them (24 spatial to 4 depth blocks in their 821M ImageNet model) and their total chosen so
-# the parameter count matches ResGen's with the M = 1 MoG head within 10% (the default M = 4 has 7.68M at small, D =
-# 4): on the Fashion-MNIST codes (L = 64, V = 256, c = 16) small has 4.96M / 5.55M at D = 4 / 16 against ResGen's 5.16M, base 0.96-0.97x, large and xl
-# 0.98-0.99x; on ImageNet-like codes (V = 4096, D = 16) 0.96-0.98x (xl: 653M against 666M). The output layer has
-# D·V·C weights, as ResGen's token head.
+# the parameter count matches ResGen's with the M = 1 MoG head within 10% (the default M = 4 has 7.68M at small,
+# D = 4): on the Fashion-MNIST codes (L = 64, V = 256, c = 16) small has 4.96M / 5.55M at D = 4 / 16 against
+# ResGen's 5.16M, base 0.96-0.97x, large and xl 0.98-0.99x; on ImageNet-like codes (V = 4096, D = 16) 0.96-0.98x
+# (xl: 653M against 666M). The output layer has D·V·C weights, as ResGen's token head.
 SIZES = {
     "tiny":  dict(width=64, layers=1, depth_layers=1, heads=4),      # tests: seconds on a CPU
     "small": dict(width=192, layers=6, depth_layers=1, heads=3),     # Fashion-MNIST on a CPU: ResGen small's 6 + 1
