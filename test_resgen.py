@@ -3021,7 +3021,7 @@ def test_continuation_keeps_the_prompt_with_text(head, cfg):
     m = text_model(head)
     with torch.no_grad():
         m.text_embed.weight.normal_(std=2.0)
-        for p in m.head.parameters() if head == "tokens" else ():  # its zero-initialised logits ignore the features
+        for p in m.head.parameters():  # near-uniform logits at initialisation: the draws would ignore the features
             p.normal_(std=0.3)
     g = torch.Generator().manual_seed(2)
     codes = torch.randint(0, 16, (3, 8, 3), generator=g)
