@@ -211,7 +211,7 @@ prompted: setup
 # JSON line each in SWEEP_OUT: at T = 16 and w = 1, 3, the confidence temperature over SWEEP_CHOICE at tau = 0.7, then
 # tau = 1 at SWEEP_TAU1_CHOICE (50: the reveal order is random but for the last steps, as the noise is annealed).
 # A finished row is marked in the checkpoint's folder (sweep_N$(SWEEP_N)_NAME.done) and not run again, so a cut sweep
-# resumes. On the 2-core CPU one row at N = 500 takes 1-2 minutes of one core.
+# resumes. On the 2-core CPU one row at N = 500 takes 2-5 minutes of one core (D = 16, M = 4: 4-5).
 # Example: OMP_NUM_THREADS=1 make sweep SWEEP_CKPTS="runs/depth/d16/d16_mog/last.pt runs/depth/d16/d16_tokens/last.pt"
 SWEEP_CKPTS ?= $(RUNS)/resgen/last.pt
 SWEEP_N ?= 500
@@ -257,7 +257,8 @@ figures:
 # (each evaluation row: `row NAME ARGS` marks NAME.done in the model's folder) is not run again, a cut training run
 # resumes.
 # On the 2-core CPU, one thread per process: a tokenizer about 15 minutes, its codes 2-5; a ResGen model 3-4.5 hours
-# (today's MoG head on two threads: training 62 minutes at D = 4, 64 at D = 16, its 13 rows 49 and 48), the
+# (the M = 1 MoG head on two threads: training 62 minutes at D = 4, 64 at D = 16, its 13 rows 49 and 48; the default
+# M = 4 at D = 16 on one core beside other jobs: 1.02-1.07 steps/s, about 2.5 hours), the
 # RQ-Transformer about 4 (D = 4) and 12 (D = 16) hours; an Inception row 15-25 minutes (7-10 on two threads, 15 with
 # the real statistics).
 # One model or depth per process:
