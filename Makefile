@@ -258,7 +258,7 @@ figures:
 # resumes.
 # On the 2-core CPU, one thread per process: a tokenizer about 15 minutes, its codes 2-5; a ResGen model 3-4.5 hours
 # (the M = 1 MoG head on two threads: training 62 minutes at D = 4, 64 at D = 16, its 13 rows 49 and 48; the default
-# M = 4 at D = 16 on one core beside other jobs: 1.02-1.07 steps/s, about 2.5 hours), the
+# M = 4 at D = 16 on one core beside other jobs: 1.02-1.12 steps/s, about 2.5 hours), the
 # RQ-Transformer about 4 (D = 4) and 12 (D = 16) hours; an Inception row 15-25 minutes (7-10 on two threads, 15 with
 # the real statistics).
 # One model or depth per process:
