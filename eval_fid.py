@@ -395,8 +395,10 @@ def real_statistics(space, data, split, n=None, data_dir=None, image_size=None, 
     statistics)."""
     key, stem, image_size = _real_key(space, data, split, n, image_size)
 
-    def compute():
-        stats = feature_statistics(real_features(space, data, split, n, data_dir, image_size))
+    def compute():  # from the features when they are cached already (never caches them itself: they can be large)
+        kept = cache_dir and os.path.isfile(os.path.join(cache_dir, stem + "_features.npz"))
+        stats = feature_statistics(real_features(space, data, split, n, data_dir, image_size,
+                                                 cache_dir if kept else None))
         return {**stats, "n": np.int64(stats["n"])}
     stats = _cached(cache_dir, stem + ".npz", key, compute)
     return {"mu": stats["mu"], "sigma": stats["sigma"], "n": int(stats["n"])}

@@ -3125,3 +3125,21 @@ def test_speech_bad_input_is_one_clear_line(tmp_path):
     speech.main(args + ["--text", "on the table now"])  # a prompt that fits: a WAV of the window's length
     y, sr = speech.read_wav(str(tmp_path / "o.wav"))
     assert sr == speech.SR and y.shape == (speech.WINDOW,)
+
+
+def test_reference_statistics_reuse_cached_features(tmp_path):
+    """A reference's statistics (cached alone) come from its cached features when those exist, and a reference
+    with no cached features is embedded once without caching them."""
+    calls = []
+
+    def embed(images, desc):
+        calls.append(len(images))
+        return np.asarray(images, dtype=np.float32).reshape(len(images), -1)[:, 300:308]
+    space = eval_fid.FeatureSpace("count", embed, "0123456789abcdef")
+    feats = eval_fid.real_features(space, "fashion_mnist", "train", 40, cache_dir=str(tmp_path))
+    stats = eval_fid.real_statistics(space, "fashion_mnist", "train", 40, cache_dir=str(tmp_path))
+    assert calls == [40]
+    np.testing.assert_allclose(stats["mu"], feats.astype(np.float64).mean(0), rtol=1e-5)
+    eval_fid.real_statistics(space, "fashion_mnist", "test", 30, cache_dir=str(tmp_path))
+    eval_fid.real_statistics(space, "fashion_mnist", "test", 30, cache_dir=str(tmp_path))
+    assert calls == [40, 30] and not list(tmp_path.glob("*test*_features.npz"))
