@@ -554,9 +554,11 @@ class MoGHead(nn.Module):
         """log π over the V codes of depth p_i (π is already at p_i; start is unused): f (B, L, C) -> (B, L, V)."""
         return code_log_pi(self.logits(f).float(), self.M)
 
-    def sample(self, f, prefix, codebooks, top_p, temperature, generator, emit="drawn", confidence="pi"):
+    def sample(self, f, prefix, codebooks, top_p, temperature, generator, emit="drawn", confidence="pi",
+               noise_temperature=None):
         """Sampler steps 2-3 (PAPER.md §12): a component k = (v, m) from the top-p nucleus of π tempered by τ
-        (Gumbel-max; τ = 0: the most likely), z = e(v; p_i) + b + e^s·(δ_k + τ·ε), then re-quantization from p_i.
+        (Gumbel-max; τ = 0: the most likely), z = e(v; p_i) + b + e^s·(δ_k + τ_ε·ε), then re-quantization from p_i;
+        τ_ε = noise_temperature, τ when None (the paper's one τ).
         emit "drawn": depth p_i's token is v and the depths below re-quantise z − e(v; p_i); "requantized": every
         token from z's re-quantisation (the offsets can move z into another code's cell). The confidence of depth
         p_i's token: log π_v under the untempered π, as the token head's is its softmax's ("pi", the default: the
@@ -574,7 +576,8 @@ class MoGHead(nn.Module):
         eps = torch.randn(shift.shape, generator=generator, device=shift.device)
         anchor = code_rows(codebooks.float(), prefix.clamp(max=D - 1), v)  # (B, L, c): e(v; p_i)
         delta = self.component_offsets(f, k.unsqueeze(-1)).squeeze(-2)  # (B, L, c)
-        z = anchor + shift + log_scale.exp() * (delta + temperature * eps)  # (B, L, c)
+        tau_eps = temperature if noise_temperature is None else noise_temperature
+        z = anchor + shift + log_scale.exp() * (delta + tau_eps * eps)  # (B, L, c)
         tokens, logp = self.requantize(z, prefix, codebooks, log_scale.squeeze(-1), v if emit == "drawn" else None)
         if confidence == "pi":
             log_pi = code_log_pi(logits, self.M)  # (B, L, V)
@@ -791,7 +794,8 @@ class ResGen(nn.Module):
     @torch.no_grad()
     def generate(self, labels, steps, cfg=1.0, cfg_schedule="constant", top_p=1.0, temperature=1.0,
                  choice_temperature=50.0, generator=None, schedule="cosine", batch_size=None, callback=None,
-                 prompt_codes=None, prompt_mask=None, emit="drawn", confidence="pi", text=None):
+                 prompt_codes=None, prompt_mask=None, emit="drawn", confidence="pi", text=None,
+                 noise_temperature=None):
         """Confidence-ordered sampler (PAPER.md §5, §12). T = `steps` forward passes whatever D is.
 
         labels: (B,) int64, or None for unconditional samples (then `batch_size` gives B).
@@ -799,7 +803,8 @@ class ResGen(nn.Module):
         output; the token head's logits); 1 = no guidance. cfg_schedule: "constant" or "linear" (w_s = 1 + (w − 1)·
         revealed/(L·D), per row; given tokens count as revealed). top_p: nucleus over mixture components (over
         codes for the token head). temperature: τ, the softmax temperature of π and the noise scale in
-        z = e(v; p) + b + e^s·(δ_k + τ·ε) (the token head's softmax temperature). emit, confidence: how the MoG head
+        z = e(v; p) + b + e^s·(δ_k + τ·ε) (the token head's softmax temperature); noise_temperature: the MoG head's
+        noise scale apart from π's, τ_ε in place of τ·ε's τ (None: τ). emit, confidence: how the MoG head
         turns its draw into tokens (MoGHead.sample). choice_temperature: Gumbel noise on the confidences, annealed
         by (1 − s/T); unit scale is the scale of the log-probabilities it perturbs (nats); the default, 50, drowns
         them until the last steps, a random reveal order, which scored best for both heads (RESULTS.md §4.4).
@@ -818,8 +823,9 @@ class ResGen(nn.Module):
             raise UserError(f"unknown cfg schedule {cfg_schedule!r}; choose from constant, linear")
         if not 0.0 < top_p <= 1.0:
             raise UserError(f"top_p must be in (0, 1], got {top_p}")
-        if temperature < 0 or choice_temperature < 0:
-            raise UserError(f"temperature and choice_temperature must be >= 0, got {temperature}, {choice_temperature}")
+        if temperature < 0 or choice_temperature < 0 or (noise_temperature or 0) < 0:
+            raise UserError(f"temperature, choice_temperature and noise_temperature must be >= 0, got {temperature}, "
+                            f"{choice_temperature}, {noise_temperature}")
         if emit not in ("drawn", "requantized") or confidence not in ("requantizer", "pi"):
             raise UserError(f"emit must be drawn or requantized and confidence requantizer or pi, got {emit!r}, "
                             f"{confidence!r}")
@@ -857,7 +863,7 @@ class ResGen(nn.Module):
                 out = uncond + w * (cond - uncond)
             # 2-3. sample candidates for every masked slot, with per-token log-probabilities
             cand, logp = self.head.sample(out, D - num_masked, self.codebooks, top_p, temperature, generator,
-                                          emit=emit, confidence=confidence)
+                                          emit=emit, confidence=confidence, noise_temperature=noise_temperature)
             # 4. cumulative confidence from p_i along depth (logp is 0 above p_i), Gumbel noise annealed to 0,
             #    running min along depth so a deeper token never outscores a shallower one at its position
             noise = choice_temperature * (1.0 - s / steps) * gumbel((B, L, D), generator, device)

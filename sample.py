@@ -40,10 +40,11 @@ from tokenizer import (load_code_cache, load_tokenizer, real_images, save_grid, 
 # ResGen with (w = 3, tau = 0.7; a random reveal order, RESULTS.md §4.4). The RQ-Transformer does better at
 # --temperature 1 (at the demo's budget, measured before this round: fd_classifier 80.3 against 93.2 at 0.7).
 SAMPLER_DEFAULTS = dict(steps=16, cfg=3.0, cfg_schedule="constant", top_p=1.0, temperature=0.7, choice_temperature=50.0,
-                        top_k=0, emit="drawn", confidence="pi", schedule="cosine")
+                        top_k=0, emit="drawn", confidence="pi", schedule="cosine", noise_temperature=None)
 # The flags each architecture's sampler ignores (ResGen's T and confidence temperature mean nothing to an
 # autoregressive model; top-k over codes is the RQ-Transformer's, ResGen's MoG head has no codes to rank).
-IGNORED = {"resgen": ("top_k",), ARCH: ("steps", "choice_temperature", "emit", "confidence", "schedule")}
+IGNORED = {"resgen": ("top_k",), ARCH: ("steps", "choice_temperature", "emit", "confidence", "schedule",
+                                             "noise_temperature")}
 
 
 def add_sampler_args(p):
@@ -56,6 +57,8 @@ def add_sampler_args(p):
                    help="w constant, or rising linearly with the revealed fraction")
     p.add_argument("--top-p", type=float, default=d["top_p"], help="nucleus over mixture components, in (0, 1]")
     p.add_argument("--temperature", type=float, default=d["temperature"], help="tau: z = e(v; p) + b + e^s (delta_k + tau * eps) (MoG); softmax temperature (tokens)")
+    p.add_argument("--noise-temperature", type=float, default=d["noise_temperature"], help="MoG head: the noise scale "
+                   "tau_eps in z = e(v; p) + b + e^s (delta_k + tau_eps * eps), apart from pi's tau (default: tau)")
     p.add_argument("--schedule", default=d["schedule"], choices=sorted(SCHEDULES),
                    help="gamma: the masked fraction after step s is gamma(s/T) (cosine reveals most tokens in the last steps)")
     p.add_argument("--choice-temperature", type=float, default=d["choice_temperature"],
@@ -94,6 +97,8 @@ def sampler_kwargs(args):
         raise UserError(f"--top-p must be in (0, 1] (got {args.top_p})")
     if not args.temperature >= 0:
         raise UserError(f"--temperature must be >= 0 (got {args.temperature})")
+    if args.noise_temperature is not None and not args.noise_temperature >= 0:
+        raise UserError(f"--noise-temperature must be >= 0 (got {args.noise_temperature})")
     if not args.choice_temperature >= 0:
         raise UserError(f"--choice-temperature must be >= 0 (got {args.choice_temperature})")
     if args.top_k < 0:

@@ -982,6 +982,10 @@ def test_sampler_seeded_and_cfg_one_is_conditional(head):
     assert not torch.equal(a, m.generate(labels, 5, generator=torch.Generator().manual_seed(8), top_p=0.9))
     guided = run(cfg=4.0)
     assert not torch.equal(a, guided)
+    # the MoG head's noise scale apart from pi's tau: None is tau itself; the token head has no noise to scale
+    t = run(temperature=0.7)
+    assert torch.equal(t, run(temperature=0.7, noise_temperature=0.7))
+    assert torch.equal(t, run(temperature=0.7, noise_temperature=0.0)) == (head == "tokens")
     # unconditional: the null class, one pass of B rows
     seen, handle = count_passes(m)
     u = m.generate(None, 3, cfg=4.0, batch_size=2, generator=torch.Generator().manual_seed(0))
@@ -992,7 +996,8 @@ def test_sampler_seeded_and_cfg_one_is_conditional(head):
 def test_sampler_rejects_bad_arguments():
     m = tiny_model()
     labels = torch.tensor([0])
-    for kw in (dict(steps=0), dict(top_p=0.0), dict(cfg_schedule="cubic"), dict(temperature=-1.0)):
+    for kw in (dict(steps=0), dict(top_p=0.0), dict(cfg_schedule="cubic"), dict(temperature=-1.0),
+               dict(noise_temperature=-0.5)):
         args = dict(steps=2) | kw
         with pytest.raises(checkpoints.UserError):
             m.generate(labels, **args)
